@@ -1,0 +1,24 @@
+# mimscale: SimMIM x SwinV2 data-scaling study.
+#   snakemake --cores all                      # the embedded demo (config/config.yaml)
+#   snakemake --cores all results/pretrain/<model>/<dataset>/<length>/checkpoint.pt
+#   snakemake --configfile config/paper.yaml --profile slurm ...
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The embedded demo, unless --configfile names a study (which then replaces it whole,
+# rather than being merged into it key by key).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+
+
+rule all:
+    input:
+        res(P.PRETRAIN_SUMMARY),

@@ -1,0 +1,5 @@
+import sys
+
+from mimlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""``python -m mimlib <stage> ...``: the one entry point the workflow rules call.
+
+Each stage reads explicit paths and a JSON recipe, so a rule (or a person) can run any cell
+by hand, under torchrun, or under srun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from mimlib.config import load_config, pretrain_cells
+
+    cfg = load_config(args.config, check_paths=not args.no_paths)
+    cells = pretrain_cells(cfg)
+    print(f"{args.config}: valid; {len(cells)} pre-training cells "
+          f"({len(cfg['models'])} models x {len(cfg['datasets'])} datasets x {len(cfg['lengths'])} lengths)")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from mimlib.data.demo import ClassificationDemoSpec, write_classification_demo
+
+    spec = ClassificationDemoSpec(**json.loads(args.spec_json)) if args.spec_json else ClassificationDemoSpec()
+    counts = write_classification_demo(Path(args.out), spec)
+    print(json.dumps(counts))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from mimlib.data.index import build_index
+
+    df = build_index(Path(args.root), Path(args.out))
+    print(f"{args.out}: {len(df)} images in {df['class_name'].nunique()} classes")
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from mimlib.data.index import read_index
+    from mimlib.data.manifests import class_subset, fraction_subset, whole_dataset, write_manifest
+
+    index, root = read_index(Path(args.index))
+    meta: dict[str, Any] = {"seed": args.seed, "dataset": args.name}
+    if args.fraction is not None:
+        df = fraction_subset(index, args.fraction, args.seed)
+        meta.update(kind="fraction", fraction=args.fraction)
+    elif args.num_classes is not None:
+        df = class_subset(index, args.num_classes, args.seed)
+        meta.update(kind="classes", num_classes=args.num_classes)
+    else:
+        df = whole_dataset(index)
+        meta.update(kind="all")
+    write_manifest(df, Path(args.out), root, meta)
+    print(f"{args.out}: {len(df)} images, {df['class_name'].nunique()} classes")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mimlib.train.pretrain import PretrainJob, run_pretrain
+
+    job = PretrainJob(
+        model=args.model,
+        recipe=json.loads(args.recipe_json),
+        manifest=Path(args.manifest),
+        end_iter=args.end_iter,
+        out=Path(args.out),
+        log_out=Path(args.log_out) if args.log_out else None,
+        resume_dir=Path(args.resume_dir),
+        seed=args.seed,
+        decay_at=args.decay_at,
+        init=Path(args.init) if args.init else None,
+        val_index=Path(args.val_index) if args.val_index else None,
+        val_max_images=args.val_max_images,
+        metrics_out=Path(args.metrics_out) if args.metrics_out else None,
+        cell=json.loads(args.cell_json) if args.cell_json else {},
+        save_optimizer=not args.no_optimizer,
+        device=args.device,
+    )
+    run_pretrain(job, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from mimlib.analysis.pretrain_summary import write_pretrain_summary
+    from mimlib.config import load_config, validate_config
+
+    if args.config_json:
+        cfg = validate_config(json.loads(args.config_json), check_paths=False)
+    else:
+        cfg = load_config(args.config, check_paths=False)
+    write_pretrain_summary(cfg, Path(args.results), Path(args.out), Path(args.curves))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimlib", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("check-config", help="validate a study config and count its cells")
+    s.add_argument("config")
+    s.add_argument("--no-paths", action="store_true", help="do not check that dataset folders exist")
+    s.set_defaults(func=_cmd_check_config)
+
+    s = sub.add_parser("demo-data", help="write the embedded demo image folder (no download)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec-json", help="ClassificationDemoSpec fields as JSON")
+    s.set_defaults(func=_cmd_demo_data)
+
+    s = sub.add_parser("index", help="index an ImageNet-layout folder into Parquet")
+    s.add_argument("--root", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_cmd_index)
+
+    s = sub.add_parser("manifest", help="write a pre-training subset manifest (Parquet)")
+    s.add_argument("--index", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--name", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--fraction", type=float)
+    g.add_argument("--num-classes", type=int)
+    s.set_defaults(func=_cmd_manifest)
+
+    s = sub.add_parser("pretrain", help="run SimMIM pre-training iterations [start, end) of one job")
+    s.add_argument("--model", required=True)
+    s.add_argument("--recipe-json", required=True, help="the model's pre-training recipe (config 'pretrain')")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--end-iter", type=int, required=True)
+    s.add_argument("--decay-at", type=int, help="iteration of the x0.1 lr step (omit for a trunk)")
+    s.add_argument("--init", help="checkpoint to start from (a trunk point)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--log-out", help="where to put the job's metric log (JSON lines) when it completes")
+    s.add_argument("--resume-dir", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-index")
+    s.add_argument("--val-max-images", type=int)
+    s.add_argument("--metrics-out")
+    s.add_argument("--cell-json")
+    s.add_argument("--no-optimizer", action="store_true", help="leave AdamW state out of --out")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("summary", help="collect pre-training metrics and curves of a study")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config")
+    g.add_argument("--config-json")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", required=True)
+    s.add_argument("--curves", required=True)
+    s.set_defaults(func=_cmd_summary)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from mimlib.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Study configuration: load, fill defaults, validate, expand the matrix.
+
+The schema (``mimlib/schema/config.schema.yaml``) documents every key. This module fills
+its defaults and adds the checks a schema cannot express, so that a bad config fails before
+any job starts, with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key (e.g. ``datasets.in1k_10.fraction``)."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _fill_defaults(node: Any, schema: Mapping[str, Any]) -> Any:
+    """Recursively insert schema ``default`` values for missing object properties."""
+    if not isinstance(node, dict):
+        return node
+    for key, sub in schema.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if key in node:
+            _fill_defaults(node[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in node.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+    return node
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[str, Any]:
+    """Return a validated copy of ``raw`` with defaults filled; raise ConfigError otherwise.
+
+    ``check_paths`` checks that non-demo dataset roots exist (skipped by tools that only plan).
+    """
+    from mimlib.models.swinv2 import MODELS  # local: keeps `import mimlib.config` light
+
+    cfg = _fill_defaults(copy.deepcopy(dict(raw)), load_schema())
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_key_path(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid config:\n" + "\n".join(lines))
+
+    problems: list[str] = []
+    sources = cfg["sources"]
+    for name, src in sources.items():
+        if src.get("demo"):
+            if "train" in src or "val" in src:
+                problems.append(f"sources.{name}: a demo source is generated; do not give train/val folders")
+            continue
+        if "train" not in src:
+            problems.append(f"sources.{name}.train: missing (give the folder, or set demo: true)")
+        if not check_paths:
+            continue
+        for split in ("train", "val"):
+            if split in src and not Path(src[split]).is_dir():
+                problems.append(f"sources.{name}.{split}: folder {src[split]!r} does not exist")
+    for name, ds in cfg["datasets"].items():
+        key = f"datasets.{name}"
+        if ds["source"] not in sources:
+            problems.append(f"{key}.source: unknown source {ds['source']!r} (known: {sorted(sources)})")
+        if "fraction" in ds and "num_classes" in ds:
+            problems.append(f"{key}: give either fraction or num_classes, not both")
+        if "fraction" in ds and not 0.0 < ds["fraction"] <= 1.0:
+            problems.append(f"{key}.fraction: {ds['fraction']} is outside (0, 1]")
+        if "/" in name or name in ("trunk", "summary.csv"):
+            problems.append(f"{key}: {name!r} cannot be used as a dataset name (it is a path part)")
+    val = cfg["validation"]
+    if val["source"] not in sources:
+        problems.append(f"validation.source: unknown source {val['source']!r}")
+    elif "val" not in sources[val["source"]] and not sources[val["source"]].get("demo"):
+        problems.append(f"sources.{val['source']}.val: the validation source needs a val folder")
+    for i, model in enumerate(cfg["models"]):
+        if model not in MODELS:
+            problems.append(f"models[{i}]: unknown model {model!r} (known: {sorted(MODELS)})")
+    if len(set(cfg["lengths"])) != len(cfg["lengths"]):
+        problems.append(f"lengths: {cfg['lengths']} has duplicates")
+    for i, length in enumerate(cfg["lengths"]):
+        if length % 8:
+            problems.append(
+                f"lengths[{i}]: {length} is not divisible by 8 (the lr steps down at 7/8 of each length)"
+            )
+    pre = cfg["pretrain"]
+    for model in pre["per_model"]:
+        if model not in cfg["models"]:
+            problems.append(f"pretrain.per_model.{model}: not one of the study's models")
+    for model in cfg["models"]:
+        if model not in MODELS:
+            continue
+        recipe = pretrain_recipe(cfg, model)
+        key = f"pretrain (model {model})"
+        unknown = set(recipe) - set(load_schema()["properties"]["pretrain"]["properties"])
+        if unknown:
+            problems.append(f"pretrain.per_model.{model}: unknown keys {sorted(unknown)}")
+            continue
+        if recipe["img_size"] % recipe["mask_patch_size"]:
+            problems.append(f"{key}.img_size: {recipe['img_size']} not divisible by mask_patch_size {recipe['mask_patch_size']}")
+        if recipe["mask_patch_size"] % recipe["patch_size"]:
+            problems.append(f"{key}.mask_patch_size: {recipe['mask_patch_size']} not divisible by patch_size {recipe['patch_size']}")
+        if recipe["checkpoint_every"] % recipe["log_every"]:
+            problems.append(f"{key}.checkpoint_every: {recipe['checkpoint_every']} is not a multiple of log_every {recipe['log_every']}")
+        if recipe["global_batch"] % recipe["micro_batch"]:
+            problems.append(f"{key}.global_batch: {recipe['global_batch']} not divisible by micro_batch {recipe['micro_batch']}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True) -> dict[str, Any]:
+    """Read a YAML config, apply ``overrides`` (a shallow dict update) and validate it."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    raw.update(overrides or {})
+    try:
+        return validate_config(raw, check_paths=check_paths)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def source_root(cfg: Mapping[str, Any], source: str, split: str) -> str:
+    """Folder of a source's split; demo sources live under ``<results>/demo/<source>/``."""
+    src = cfg["sources"][source]
+    if src.get("demo"):
+        return f"{cfg['results']}/demo/{source}/{split}"
+    return src[split]
+
+
+def pretrain_recipe(cfg: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """The pre-training recipe of one model: ``pretrain`` with its ``per_model`` overrides."""
+    recipe = {k: v for k, v in cfg["pretrain"].items() if k != "per_model"}
+    recipe.update(cfg["pretrain"].get("per_model", {}).get(model, {}))
+    return recipe
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    """Short stable hash of a recipe, recorded in checkpoints and metrics for provenance."""
+    blob = json.dumps(recipe, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def trunk_points(lengths: list[int]) -> list[int]:
+    """Iterations at which the shared trunk is saved: 7/8 of every length, ascending."""
+    return sorted({length * 7 // 8 for length in lengths})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One pre-training cell of the study matrix."""
+
+    model: str
+    dataset: str
+    length: int
+
+    @property
+    def decay_at(self) -> int:
+        return self.length * 7 // 8
+
+
+def pretrain_cells(cfg: Mapping[str, Any]) -> list[Cell]:
+    return [
+        Cell(model, dataset, length)
+        for model in cfg["models"]
+        for dataset in cfg["datasets"]
+        for length in sorted(cfg["lengths"])
+    ]

@@ -1,0 +1,62 @@
+"""Checkpoints: written atomically, loaded safely, rolling copies for automatic resume."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A job killed mid-write leaves the previous file intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: name it
+        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+_ROLLING = re.compile(r"^iter_(\d+)\.pt$")
+
+
+def rolling_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of the rolling checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _ROLLING.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_rolling(obj: Any, folder: str | Path, iteration: int, keep: int = 2) -> Path:
+    """Save ``iter_<iteration>.pt`` in ``folder`` and prune all but the newest ``keep``."""
+    path = Path(folder) / f"iter_{iteration:09d}.pt"
+    save_atomic(obj, path)
+    for _, old in rolling_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,59 @@
+"""Metric logs: one JSON object per line, appended; readable by pandas and the aggregation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class JsonlLogger:
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past ``iteration``: a resumed job re-logs them exactly as before."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) <= iteration]
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def merge_curves(logs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Concatenate job logs (trunk segments, then a branch) into one curve ordered by iteration."""
+    records: list[dict[str, Any]] = []
+    for p in logs:
+        records.extend(read_jsonl(p))
+    return sorted(records, key=lambda r: (r["iter"], "val_loss" in r))

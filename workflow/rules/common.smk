@@ -1,0 +1,34 @@
+# Config validation (before any job starts) and the helpers every rule file uses.
+import json
+import shlex
+import sys
+
+from mimlib import paths as P
+from mimlib.config import ConfigError, pretrain_recipe, source_root, trunk_points, validate_config
+
+try:
+    CFG = validate_config(config)
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+RESULTS = CFG["results"]
+# The interpreter that runs Snakemake runs the jobs too (same venv locally and on Slurm nodes).
+MIMLIB = f"{shlex.quote(sys.executable)} -m mimlib"
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, CFG["models"])),
+    dataset="|".join(map(re.escape, CFG["datasets"])),
+    source="|".join(map(re.escape, CFG["sources"])),
+    split="train|val",
+    iter=r"\d+",
+    length=r"\d+",
+
+
+def res(pattern, **wildcards):
+    """A results path; with no wildcards given, the pattern keeps Snakemake's {wildcards}."""
+    return f"{RESULTS}/{pattern.format(**wildcards) if wildcards else pattern}"
+
+
+def quoted_json(obj):
+    return shlex.quote(json.dumps(obj, sort_keys=True))

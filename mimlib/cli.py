@@ -42,21 +42,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    from mimlib.data.index import read_index
-    from mimlib.data.manifests import class_subset, fraction_subset, whole_dataset, write_manifest
+    from mimlib.data.manifests import build_manifest
 
-    index, root = read_index(Path(args.index))
-    meta: dict[str, Any] = {"seed": args.seed, "dataset": args.name}
-    if args.fraction is not None:
-        df = fraction_subset(index, args.fraction, args.seed)
-        meta.update(kind="fraction", fraction=args.fraction)
-    elif args.num_classes is not None:
-        df = class_subset(index, args.num_classes, args.seed)
-        meta.update(kind="classes", num_classes=args.num_classes)
-    else:
-        df = whole_dataset(index)
-        meta.update(kind="all")
-    write_manifest(df, Path(args.out), root, meta)
+    kind = "fraction" if args.fraction is not None else "classes" if args.num_classes is not None else "whole"
+    df = build_manifest(args.index, args.out, kind, seed=args.seed, fraction=args.fraction, num_classes=args.num_classes)
     print(f"{args.out}: {len(df)} images, {df['class_name'].nunique()} classes")
     return 0
 
@@ -121,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("manifest", help="write a pre-training subset manifest (Parquet)")
     s.add_argument("--index", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--name", required=True)
     s.add_argument("--seed", type=int, default=0)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--fraction", type=float)

@@ -52,5 +52,5 @@ rule manifest:
     log:
         res("logs/manifest/{dataset}.log"),
     shell:
-        "{MIMLIB} manifest --index {input} --out {output} --name {wildcards.dataset} "
+        "{MIMLIB} manifest --index {input} --out {output} "
         "--seed {params.seed} {params.subset} > {log} 2>&1"

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from mimlib.config import ConfigError, load_config, pretrain_cells, trunk_points, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_are_valid() -> None:
+    demo = load_config(ROOT / "config" / "config.yaml")
+    assert len(pretrain_cells(demo)) >= 2 * 3 * 3
+    paper = load_config(ROOT / "config" / "paper.yaml", check_paths=False)
+    assert len(pretrain_cells(paper)) == 5 * 6 * 3
+    assert paper["pretrain"]["global_batch"] == 2048
+    assert trunk_points(paper["lengths"]) == [109_375, 218_750, 437_500]
+
+
+def test_defaults_are_filled(smoke_config: dict) -> None:
+    cfg = validate_config(smoke_config)
+    assert cfg["pretrain"]["loss"] == "l1"
+    assert cfg["pretrain"]["clip_grad"] == 5.0
+    assert cfg["validation"]["max_images"] is None
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: c["models"].append("swinv2_xxl"), "models[1]: unknown model 'swinv2_xxl'"),
+        (lambda c: c["datasets"]["half"].update(fraction=1.5), "datasets.half.fraction: 1.5 is outside (0, 1]"),
+        (lambda c: c["datasets"]["half"].update(fraction=0.0), "datasets.half.fraction: 0.0 is outside (0, 1]"),
+        (lambda c: c.update(lengths=[8, 20]), "lengths[1]: 20 is not divisible by 8"),
+        (
+            lambda c: c["sources"].update(extra={"train": "/nonexistent/imagenet/train"}),
+            "sources.extra.train: folder '/nonexistent/imagenet/train' does not exist",
+        ),
+        (lambda c: c["datasets"]["half"].update(source="nope"), "datasets.half.source: unknown source 'nope'"),
+        (lambda c: c["pretrain"].update(mask_ratio=1.5), "pretrain.mask_ratio"),
+        (lambda c: c["pretrain"].update(learning_rate=1), "pretrain: Additional properties are not allowed"),
+        (lambda c: c["pretrain"].update(global_batch=10), "global_batch: 10 not divisible by micro_batch 4"),
+    ],
+)
+def test_errors_name_the_key(smoke_config: dict, mutate, key: str) -> None:
+    cfg = copy.deepcopy(smoke_config)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert key in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [a\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_per_model_override(smoke_config: dict) -> None:
+    from mimlib.config import pretrain_recipe
+
+    cfg = copy.deepcopy(smoke_config)
+    cfg["pretrain"]["per_model"] = {"swinv2_pico": {"micro_batch": 2}}
+    cfg = validate_config(cfg)
+    assert pretrain_recipe(cfg, "swinv2_pico")["micro_batch"] == 2
+    cfg["pretrain"]["per_model"] = {"swinv2_pico": {"micro_batchh": 2}}
+    with pytest.raises(ConfigError, match="unknown keys"):
+        validate_config(cfg)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from mimlib.data.decode import CorruptImageError, load_rgb
+from mimlib.data.decode import CorruptImageError, decode_for_crop, decode_rgb_tensor
 from mimlib.models.masking import MaskGenerator
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,11 @@ class PretrainDataset(Dataset):
         for attempt in range(MAX_DECODE_ATTEMPTS):
             path = self.paths[index]
             try:
-                image = load_rgb(path)
+                # uint8 CHW; large JPEGs may be decoded at 1/2-1/8 scale when even the
+                # smallest crop stays >= img_size (benchmarks/bench_decode.py: 1.6-1.85x).
+                image = decode_for_crop(
+                    path, self.recipe["img_size"], self.recipe["crop_scale"][0], self.recipe["crop_ratio"][0]
+                )
                 break
             except CorruptImageError as exc:
                 log.warning("skipping unreadable image: %s", exc)
@@ -170,7 +174,7 @@ class ValidationDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         mask = self.masks(torch.Generator().manual_seed(stable_seed(self.seed, "val-mask", i)))
         try:
-            image = self.transform(load_rgb(self.paths[i]))
+            image = self.transform(decode_rgb_tensor(self.paths[i]))
         except CorruptImageError as exc:
             log.warning("validation image skipped: %s", exc)
             size = self.masks.input_size

@@ -15,7 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
@@ -48,7 +47,7 @@ def _fill_defaults(node: Any, schema: Mapping[str, Any]) -> Any:
     return node
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
+def _key_path(error) -> str:  # jsonschema.ValidationError
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
@@ -57,6 +56,8 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
 
     ``check_paths`` checks that non-demo dataset roots exist (skipped by tools that only plan).
     """
+    import jsonschema
+
     from mimlib.models.swinv2 import MODELS  # local: keeps `import mimlib.config` light
 
     cfg = _fill_defaults(copy.deepcopy(dict(raw)), load_schema())

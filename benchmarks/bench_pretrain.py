@@ -349,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the rows as JSON")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N eager steps of our engine")
     args = p.parse_args(argv)
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -361,6 +362,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.batch, args.accum, args.iters) < 1 or args.warmup < 1:
         p.error("--batch, --accum, --iters and --warmup must be >= 1")
     return args
+
+
+def profile_engine(args: argparse.Namespace, device: torch.device, images: torch.Tensor, masks: torch.Tensor) -> None:
+    """Where our eager step spends its time: the top operators by device (or CPU) self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(args.seed)
+    model = build_simmim(args.model, img_size=args.img_size, window_size=args.window,
+                         drop_path_rate=RECIPE["drop_path"], norm_target_window=RECIPE["norm_target_window"])
+    use_fused_attention(model)
+    model = model.to(device).train()
+    step = engine_step(model, model, build_optimizer(model, RECIPE, device), device, images, masks, args.accum, args.seed)
+    for k in range(3):
+        step(k)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for k in range(args.profile):
+            step(k)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+    del model, step
+    free_memory(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows[:-1]:
         if r.images_per_s and base:
             print(f"{r.variant} / reference-style: {r.images_per_s / base:.2f}x images/s")
+
+    if args.profile:
+        profile_engine(args, device, images, masks)
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

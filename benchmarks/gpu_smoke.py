@@ -37,7 +37,7 @@ def check_fused_attention(model_name: str, device: str) -> None:
     assert diff32 < 1e-3 * max(scale, 1.0), "fused attention differs from timm in fp32"
 
 
-def run_engine(workdir: Path, model_name: str, device: str, micro_batch: int) -> None:
+def run_engine(workdir: Path, model_name: str, device: str, micro_batch: int, compile_model: bool = False) -> None:
     from mimlib.data.demo import ClassificationDemoSpec, write_classification_demo
     from mimlib.data.index import build_index
     from mimlib.data.manifests import build_manifest
@@ -90,6 +90,15 @@ def run_engine(workdir: Path, model_name: str, device: str, micro_batch: int) ->
         f"peak memory {torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else float('nan'):.1f} GiB"
     )
     assert torch.isfinite(torch.tensor(full["val_loss"]))
+    if compile_model:
+        recipe = {**recipe, "compile": True}
+        t0 = time.perf_counter()
+        compiled = run_pretrain(job("compiled", 16, 14), progress=False)
+        print(
+            f"engine with torch.compile: 16 iterations in {time.perf_counter() - t0:.1f} s (compilation included); "
+            f"val loss {compiled['val_loss']:.4f} vs eager {full['val_loss']:.4f}"
+        )
+        assert abs(compiled["val_loss"] - full["val_loss"]) < 0.02 * full["val_loss"]
 
 
 def main() -> int:
@@ -98,6 +107,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mimscale_gpu"))
     p.add_argument("--device", default="cuda", help="cpu runs the same checks slowly (a dry run of this script)")
     p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="run the engine with torch.compile")
     args = p.parse_args()
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -105,7 +115,7 @@ def main() -> int:
             return 1
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     check_fused_attention(args.model, args.device)
-    run_engine(args.workdir, args.model, args.device, args.micro_batch)
+    run_engine(args.workdir, args.model, args.device, args.micro_batch, args.compile)
     return 0
 
 

@@ -31,8 +31,10 @@ class FusedWindowAttention(WindowAttention):
             qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
         q, k, v = qkv.reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        q = F.normalize(q, dim=-1) * scale
-        k = F.normalize(k, dim=-1)
+        # Under autocast, normalize() and the fp32 logit scale promote q and k to float32;
+        # bring them back to v's dtype or SDPA falls back to its (fp32) math kernel.
+        q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
+        k = F.normalize(k, dim=-1).to(v.dtype)
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
         rpb = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         rpb = 16 * torch.sigmoid(rpb)  # (heads, N, N)

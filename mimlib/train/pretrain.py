@@ -222,6 +222,9 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
 
+    # Compile the (DDP-wrapped) training forward only; validation and checkpoints use ``model``.
+    train_model = torch.compile(ddp_model) if r.get("compile") else ddp_model
+
     base_lr = scaled_lr(r["base_lr"], r["global_batch"])
     warmup_lr = scaled_lr(r["warmup_lr"], r["global_batch"])
     accum = sampler.accum
@@ -268,7 +271,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             masks = batch["mask"].to(info.device, non_blocking=True)
             sync = a == accum - 1 or not info.distributed
             with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(r, info.device):
-                loss = ddp_model(images, masks)
+                loss = train_model(images, masks)
             (loss / accum).backward()
             step_loss += loss.detach().double() / accum
         if r["clip_grad"]:

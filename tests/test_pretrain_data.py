@@ -94,3 +94,31 @@ def test_validation_set_is_fixed(tiny_data: dict, tiny_recipe: dict) -> None:
     sub = ValidationDataset(index, root, tiny_recipe, seed=0, max_images=3)
     assert len(sub) == 3
     assert sub.paths[0] == ds.paths[0] and sub.paths[-1] == ds.paths[-1]
+
+
+def test_loader_workers_do_not_change_batches(tiny_data: dict, tiny_recipe: dict) -> None:
+    from torch.utils.data import DataLoader
+
+    from mimlib.data.pretrain_data import collate
+
+    manifest, root, _ = read_manifest(tiny_data["manifest"])
+    ds = PretrainDataset(manifest, root, tiny_recipe, seed=0)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        sampler = GlobalBatchSampler(2, 5, global_batch=8, micro_batch=4)
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate)
+        return [b["image"] for b in loader]
+
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == 6
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+def test_rank_discovery_from_torchrun_and_slurm() -> None:
+    from mimlib.train.distributed import env_ranks
+
+    assert env_ranks({}) == (0, 1, 0)
+    assert env_ranks({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    assert env_ranks(slurm) == (0, 1, 0)  # a plain sbatch step: no rendezvous, one process
+    assert env_ranks({**slurm, "MASTER_ADDR": "node01"}) == (5, 8, 1)

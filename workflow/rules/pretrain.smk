@@ -21,6 +21,12 @@ def previous_trunk_point(wc):
     return {"init": res(P.TRUNK_CKPT, model=wc.model, dataset=wc.dataset, iter=earlier[-1])}
 
 
+def pretrain_threads(wc):
+    """Loader workers + the training process (capped by --cores); 1 for in-process decoding."""
+    recipe = pretrain_recipe(CFG, wc.model)
+    return max(recipe["threads"] or 1, recipe["num_workers"])
+
+
 def pretrain_common_args(wc):
     recipe = pretrain_recipe(CFG, wc.model)
     args = [
@@ -46,6 +52,7 @@ rule pretrain_trunk:
         common=pretrain_common_args,
         init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
         resume=lambda wc: res(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"trunk_{wc.iter}"),
+    threads: pretrain_threads
     log:
         res("logs/pretrain/{model}/{dataset}/trunk_{iter}.log"),
     shell:
@@ -68,6 +75,7 @@ rule pretrain_branch:
         decay_at=lambda wc: int(wc.length) * 7 // 8,
         cell=lambda wc: quoted_json({"model": wc.model, "dataset": wc.dataset, "length": int(wc.length)}),
         resume=lambda wc: res(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"branch_{wc.length}"),
+    threads: pretrain_threads
     log:
         res("logs/pretrain/{model}/{dataset}/branch_{length}.log"),
     shell:

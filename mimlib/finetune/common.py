@@ -1,0 +1,151 @@
+"""What every fine-tuning engine shares: the job description, optimiser groups with layer
+decay, per-update lr from timm's schedulers, resumable state, and the metrics file format."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from mimlib.config import recipe_hash
+from mimlib.models.swinv2 import get_spec
+from mimlib.train import checkpoint as ckpt
+from mimlib.train.distributed import DistInfo
+from mimlib.train.layer_decay import layer_decay_param_groups
+from mimlib.train.metrics import JsonlLogger, write_json_atomic
+
+
+@dataclass
+class FinetuneJob:
+    """One fine-tuning run: a pre-trained cell (or scratch) on one task.
+
+    ``data`` holds the task's paths (dataset root, annotation files); ``recipe`` the task's
+    hyper-parameters (config ``finetune.<task>`` with per-model overrides applied).
+    """
+
+    task: str
+    model: str
+    recipe: dict[str, Any]
+    data: dict[str, Any]
+    out_dir: Path  # metrics.json, log.jsonl, (best|last).pt end up here
+    resume_dir: Path  # rolling state while the job runs (outside declared outputs)
+    checkpoint: Path | None = None  # pre-trained cell checkpoint; None = from scratch
+    seed: int = 0
+    cell: dict[str, Any] = field(default_factory=dict)  # model / dataset / length of the pre-training
+    device: str = "auto"
+    trust_pickle: bool = False  # for reference checkpoints that pickle their config
+
+
+def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.device,
+                    encoder_prefix: str, model_name: str) -> torch.optim.AdamW:
+    """AdamW over layer-decay groups (reference layer ids; see mimlib.train.layer_decay)."""
+    groups = layer_decay_param_groups(
+        model, get_spec(model_name).depths, recipe["weight_decay"], recipe["layer_decay"], encoder_prefix
+    )
+    return torch.optim.AdamW(
+        groups, lr=recipe["lr"], betas=tuple(recipe.get("betas", (0.9, 0.999))),
+        eps=recipe.get("eps", 1e-8), fused=device.type == "cuda",
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def autocast(recipe: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    precision = recipe.get("precision", "auto")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ResumableState:
+    """Rolling checkpoints of a fine-tuning job in ``job.resume_dir`` (atomic, newest kept).
+
+    ``step`` is the engine's own unit (epoch for classification, iteration for COCO/ADE20K).
+    """
+
+    def __init__(self, job: FinetuneJob, info: DistInfo):
+        self.job, self.info = job, info
+        self.hash = recipe_hash({**job.recipe, "_task": job.task, "_ckpt": str(job.checkpoint)})
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
+        """(step to start from, extra state) — (0, {}) when there is nothing to resume."""
+        found = ckpt.rolling_checkpoints(self.job.resume_dir)
+        if not found:
+            return 0, {}
+        step, path = found[-1]
+        state = ckpt.load(path, map_location=self.info.device)
+        if state.get("recipe_hash") != self.hash:
+            raise RuntimeError(f"resume state {path} is from another recipe; move it away to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return step, state.get("extra", {})
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+        if self.info.is_main:
+            ckpt.save_rolling(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "recipe_hash": self.hash,
+                 "step": step, "extra": extra},
+                self.job.resume_dir, step,
+            )
+
+    def finish(self) -> None:
+        if self.info.is_main:
+            for _, p in ckpt.rolling_checkpoints(self.job.resume_dir):
+                p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(self.job.resume_dir).rmdir()
+
+
+def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str) -> JsonlLogger:
+    """The job's JSON-lines log (``out_dir/log.jsonl``), cut back to ``start`` on resume."""
+    logger = JsonlLogger(Path(job.out_dir) / "log.jsonl", enabled=info.is_main)
+    if logger.enabled and logger.path.exists():
+        from mimlib.train.metrics import read_jsonl
+
+        kept = [r for r in read_jsonl(logger.path) if r.get(key, 0) <= start]
+        logger.path.unlink()
+        for r in kept:
+            logger.log(r)
+    return logger
+
+
+def write_metrics(job: FinetuneJob, info: DistInfo, metrics: dict[str, Any], started: float, **extra: Any) -> dict[str, Any]:
+    """``out_dir/metrics.json``: task, cell, metric values, wall time, recipe hash (the
+    aggregation reads this)."""
+    record = {
+        "task": job.task,
+        "model": job.model,
+        "dataset": job.cell.get("dataset"),
+        "length": job.cell.get("length"),
+        "pretrained": str(job.checkpoint) if job.checkpoint else None,
+        "metrics": metrics,
+        "wall_time_s": time.time() - started,
+        "recipe_hash": recipe_hash(job.recipe),
+        "world_size": info.world_size,
+        **extra,
+    }
+    if info.is_main:
+        write_json_atomic(record, Path(job.out_dir) / "metrics.json")
+    return record
+
+
+def infinite(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) forever; calls ``sampler.set_epoch`` when there is one."""
+    epoch = start_epoch
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1

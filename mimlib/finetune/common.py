@@ -4,6 +4,8 @@ decay, per-update lr from timm's schedulers, resumable state, and the metrics fi
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +101,16 @@ class ResumableState:
             )
 
     def finish(self) -> None:
+        """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state."""
         if self.info.is_main:
+            work_log = Path(self.job.resume_dir) / "log.jsonl"
+            if work_log.exists():
+                out = Path(self.job.out_dir) / "log.jsonl"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(".log.jsonl.tmp")
+                shutil.copyfile(work_log, tmp)
+                os.replace(tmp, out)
+                work_log.unlink()
             for _, p in ckpt.rolling_checkpoints(self.job.resume_dir):
                 p.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -107,8 +118,13 @@ class ResumableState:
 
 
 def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str) -> JsonlLogger:
-    """The job's JSON-lines log (``out_dir/log.jsonl``), cut back to ``start`` on resume."""
-    logger = JsonlLogger(Path(job.out_dir) / "log.jsonl", enabled=info.is_main)
+    """The job's JSON-lines log, cut back to ``start`` on resume.
+
+    It lives in ``resume_dir`` while the job runs (Snakemake deletes a failed job's declared
+    outputs, and the log must survive to be resumed) and is published to ``out_dir/log.jsonl``
+    by :meth:`ResumableState.finish`.
+    """
+    logger = JsonlLogger(Path(job.resume_dir) / "log.jsonl", enabled=info.is_main)
     if logger.enabled and logger.path.exists():
         from mimlib.train.metrics import read_jsonl
 

@@ -71,7 +71,53 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         save_optimizer=not args.no_optimizer,
         device=args.device,
     )
-    run_pretrain(job, progress=not args.no_progress)
+    from mimlib.train.pretrain import Preempted
+
+    try:
+        run_pretrain(job, progress=not args.no_progress)
+    except Preempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr)
+        return Preempted.exit_code
+    return 0
+
+
+def _cmd_task_demo(args: argparse.Namespace) -> int:
+    from mimlib.finetune import write_demo
+
+    print(json.dumps(write_demo(args.task, args.out, json.loads(args.spec_json or "{}"))))
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from mimlib.finetune import engine
+    from mimlib.finetune.common import FinetuneJob
+
+    job = FinetuneJob(
+        task=args.task,
+        model=args.model,
+        recipe=json.loads(args.recipe_json),
+        data=json.loads(args.data_json),
+        out_dir=Path(args.out_dir),
+        resume_dir=Path(args.resume_dir),
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        seed=args.seed,
+        cell=json.loads(args.cell_json) if args.cell_json else {},
+        device=args.device,
+        trust_pickle=args.trust_pickle,
+    )
+    task = engine(args.task)
+    task.check_recipe(job.recipe)
+    record = task.run(job, progress=not args.no_progress)
+    print(json.dumps(record["metrics"], sort_keys=True))
+    return 0
+
+
+def _cmd_finetune_summary(args: argparse.Namespace) -> int:
+    from mimlib.analysis.finetune_summary import write_finetune_summary
+    from mimlib.config import validate_config
+
+    cfg = validate_config(json.loads(args.config_json), check_paths=False)
+    write_finetune_summary(cfg, Path(args.results), Path(args.out))
     return 0
 
 
@@ -135,6 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("task-demo", help="write a fine-tuning task's demo set in its real format")
+    s.add_argument("--task", required=True, choices=["inat18", "coco", "ade20k"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec-json")
+    s.set_defaults(func=_cmd_task_demo)
+
+    s = sub.add_parser("finetune", help="fine-tune a pre-trained cell (or scratch) on one task")
+    s.add_argument("--task", required=True, choices=["in1k", "inat18", "coco", "ade20k"])
+    s.add_argument("--model", required=True)
+    s.add_argument("--checkpoint", help="pre-trained checkpoint (mimscale cell or reference SimMIM); omit for scratch")
+    s.add_argument("--trust-pickle", action="store_true", help="allow reference checkpoints that pickle objects")
+    s.add_argument("--recipe-json", required=True)
+    s.add_argument("--data-json", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--resume-dir", required=True)
+    s.add_argument("--cell-json")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("finetune-summary", help="collect fine-tuning metrics of a study")
+    s.add_argument("--config-json", required=True)
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_cmd_finetune_summary)
 
     s = sub.add_parser("summary", help="collect pre-training metrics and curves of a study")
     g = s.add_mutually_exclusive_group(required=True)

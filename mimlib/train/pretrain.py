@@ -9,10 +9,12 @@ trunk + decay branch == one uninterrupted run, and a killed job resumes bit for 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,31 @@ class NonFiniteLossError(RuntimeError):
 
 class TooManyCorruptImagesError(RuntimeError):
     """More than ``max_corrupt_fraction`` of the dataset failed to decode."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (time limit, preemption, scancel): state saved, the rerun resumes."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a terminated job
+
+
+class StopRequest:
+    """Turns SIGTERM into a flag the training loop checks after each iteration (main thread
+    only; elsewhere, e.g. in a test runner's worker thread, the handler is not installed)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
 
 
 @dataclass
@@ -239,8 +266,20 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     interval_loss = torch.zeros((), dtype=torch.float64, device=info.device)
     interval_gnorm = torch.zeros((), dtype=torch.float64, device=info.device)
     interval_iters, interval_t0 = 0, time.perf_counter()
+    if state is not None and source != str(job.init) and "interval" in state:
+        interval_loss.fill_(state["interval"][0])
+        interval_gnorm.fill_(state["interval"][1])
+        interval_iters = state["interval"][2]
     t_job = time.perf_counter()
     last_val: float | None = None
+
+    def progress_state() -> dict[str, Any]:
+        """What a resumed job needs besides weights: the summary's and the open log interval's sums."""
+        return {
+            "tail_losses": tail_losses,
+            "failed_files": sorted(failed_files),
+            "interval": [float(interval_loss), float(interval_gnorm), interval_iters],
+        }
 
     def evaluate(iteration: int) -> None:
         nonlocal last_val
@@ -249,6 +288,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         last_val = validation_loss(model, val_loader, r, info)
         logger.log({"iter": iteration, "val_loss": last_val})
 
+    stop = StopRequest()
     model.train()
     batches = iter(loader)
     bar = None
@@ -278,7 +318,10 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"])
         else:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        reduced = all_reduce_sum(step_loss.clone(), info) / info.world_size
+        # One reduction carries the loss and "a rank was asked to stop" (SIGTERM), so every
+        # rank stops after the same iteration.
+        stats = all_reduce_sum(torch.stack([step_loss, torch.tensor(float(stop.requested), dtype=torch.float64, device=info.device)]), info)
+        reduced = stats[0] / info.world_size
         if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
             raise NonFiniteLossError(
                 f"{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at iteration {k}; "
@@ -318,16 +361,28 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             interval_iters, interval_t0 = 0, time.perf_counter()
         if done % r["val_every"] == 0 or done == job.end_iter:
             evaluate(done)
+        if stats[1] > 0 and done < job.end_iter:
+            if info.is_main:
+                ckpt.save_rolling(
+                    _state(model, optimizer, done, job, **progress_state()),
+                    job.resume_dir,
+                    done,
+                )
+                log.warning("stopped by SIGTERM after iteration %d; state saved in %s", done, job.resume_dir)
+            barrier(info)
+            stop.close()
+            raise Preempted(f"stopped by SIGTERM after iteration {done}; rerun to resume from {job.resume_dir}")
         if done % r["checkpoint_every"] == 0 and done < job.end_iter:
             if info.is_main:
                 ckpt.save_rolling(
-                    _state(model, optimizer, done, job, tail_losses=tail_losses, failed_files=sorted(failed_files)),
+                    _state(model, optimizer, done, job, **progress_state()),
                     job.resume_dir,
                     done,
                 )
             barrier(info)
         if bar is not None:
             bar.update(1)
+    stop.close()
     if bar is not None:
         bar.close()
     if start == job.end_iter and val_loader is not None:

@@ -17,8 +17,10 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
 
 
 rule all:
     input:
         res(P.PRETRAIN_SUMMARY),
+        res(P.FINETUNE_SUMMARY) if FT["tasks"] else [],

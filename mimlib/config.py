@@ -89,7 +89,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
             problems.append(f"{key}: give either fraction or num_classes, not both")
         if "fraction" in ds and not 0.0 < ds["fraction"] <= 1.0:
             problems.append(f"{key}.fraction: {ds['fraction']} is outside (0, 1]")
-        if "/" in name or name in ("trunk", "summary.csv"):
+        if "/" in name or name in ("trunk", "summary.csv", "scratch"):
             problems.append(f"{key}: {name!r} cannot be used as a dataset name (it is a path part)")
     val = cfg["validation"]
     if val["source"] not in sources:
@@ -127,9 +127,81 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
             problems.append(f"{key}.checkpoint_every: {recipe['checkpoint_every']} is not a multiple of log_every {recipe['log_every']}")
         if recipe["global_batch"] % recipe["micro_batch"]:
             problems.append(f"{key}.global_batch: {recipe['global_batch']} not divisible by micro_batch {recipe['micro_batch']}")
+    problems += _finetune_problems(cfg, check_paths)
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
     return cfg
+
+
+def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
+    from mimlib.finetune import DEMO_GENERATORS, engine
+
+    problems: list[str] = []
+    ft = cfg["finetune"]
+    for length in ft["lengths"] or []:
+        if length not in cfg["lengths"]:
+            problems.append(f"finetune.lengths: {length} is not one of the pre-training lengths {cfg['lengths']}")
+    for task in ft["tasks"]:
+        key = f"finetune.{task}"
+        if task not in ft:
+            problems.append(f"{key}: missing (needs at least `data`)")
+            continue
+        data = ft[task].get("data", {})
+        if task == "in1k":
+            src = data.get("source")
+            if src not in cfg["sources"]:
+                problems.append(f"{key}.data.source: unknown source {src!r} (known: {sorted(cfg['sources'])})")
+        elif "demo" in data:
+            if task not in DEMO_GENERATORS:
+                problems.append(f"{key}.data.demo: no demo generator for {task}")
+        elif "root" not in data:
+            problems.append(f"{key}.data: give root (a folder on disk) or demo")
+        elif check_paths and not Path(data["root"]).is_dir():
+            problems.append(f"{key}.data.root: folder {data['root']!r} does not exist")
+        for model in ft[task].get("per_model", {}):
+            if model not in cfg["models"]:
+                problems.append(f"{key}.per_model.{model}: not one of the study's models")
+        try:
+            known = set(engine(task).DEFAULT_RECIPE)
+        except ImportError:  # engine not installed / written yet
+            continue
+        overrides = [("recipe", ft[task].get("recipe", {}))]
+        overrides += [(f"per_model.{m}", o) for m, o in ft[task].get("per_model", {}).items()]
+        for where, values in overrides:
+            for k in sorted(set(values) - known):
+                problems.append(f"{key}.{where}.{k}: unknown key for task {task}")
+    return problems
+
+
+def finetune_recipe(cfg: Mapping[str, Any], task: str, model: str) -> dict[str, Any]:
+    """A task's recipe for one model: engine defaults <- config recipe <- per-model overrides."""
+    from mimlib.finetune import engine
+
+    section = cfg["finetune"][task]
+    recipe = dict(engine(task).DEFAULT_RECIPE)
+    recipe.update(section.get("recipe", {}))
+    recipe.update(section.get("per_model", {}).get(model, {}))
+    return recipe
+
+
+@dataclass(frozen=True)
+class FinetuneCell:
+    task: str
+    model: str
+    dataset: str  # a pre-training dataset, or "scratch"
+    length: int  # a pre-training length, or 0 for scratch
+
+
+def finetune_cells(cfg: Mapping[str, Any]) -> list[FinetuneCell]:
+    ft = cfg["finetune"]
+    lengths = sorted(ft["lengths"] or cfg["lengths"])
+    cells = []
+    for task in ft["tasks"]:
+        for model in cfg["models"]:
+            if ft["scratch_baseline"]:
+                cells.append(FinetuneCell(task, model, "scratch", 0))
+            cells += [FinetuneCell(task, model, d, n) for d in cfg["datasets"] for n in lengths]
+    return cells
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True) -> dict[str, Any]:

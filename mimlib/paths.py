@@ -24,3 +24,9 @@ RESUME = ".resume/pretrain/{model}/{dataset}/{job}"
 
 def at(results: str | Path, pattern: str, **wildcards: object) -> Path:
     return Path(results) / pattern.format(**wildcards)
+
+DEMO_TASK = "demo/{task}"  # generated fine-tuning sets (iNat json, COCO json, ADE20K PNGs)
+FINETUNE_METRICS = "finetune/{task}/{model}/{dataset}/{length}/metrics.json"
+FINETUNE_SUMMARY = "finetune/summary.csv"
+FINETUNE_RESUME = ".resume/finetune/{task}/{model}/{dataset}/{length}"
+SCRATCH = "scratch"  # the dataset name of from-scratch baselines (length 0)

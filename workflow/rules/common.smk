@@ -5,6 +5,7 @@ import sys
 
 from mimlib import paths as P
 from mimlib.config import ConfigError, pretrain_recipe, source_root, trunk_points, validate_config
+from mimlib.resources import finetune_resources, light_resources, pretrain_resources
 
 try:
     CFG = validate_config(config)
@@ -14,6 +15,12 @@ except ConfigError as exc:
 RESULTS = CFG["results"]
 # The interpreter that runs Snakemake runs the jobs too (same venv locally and on Slurm nodes).
 MIMLIB = f"{shlex.quote(sys.executable)} -m mimlib"
+LAUNCH = f"{workflow.basedir}/workflow/scripts/launch.sh"
+
+
+def launch(resources):
+    """The command prefix that starts a training job's processes (see launch.sh)."""
+    return f"{LAUNCH} {resources.nodes} {resources.tasks} {shlex.quote(sys.executable)}"
 
 
 wildcard_constraints:

@@ -27,6 +27,27 @@ def pretrain_threads(wc):
     return max(recipe["threads"] or 1, recipe["num_workers"])
 
 
+def trunk_resources(key):
+    def get(wc, attempt):
+        earlier = [p for p in TRUNK_POINTS if p < int(wc.iter)]
+        iterations = int(wc.iter) - (earlier[-1] if earlier else 0)
+        recipe = pretrain_recipe(CFG, wc.model)
+        return pretrain_resources(CFG, wc.model, iterations, recipe["global_batch"], attempt)[key]
+
+    return get
+
+
+def branch_resources(key):
+    def get(wc, attempt):
+        recipe = pretrain_recipe(CFG, wc.model)
+        return pretrain_resources(CFG, wc.model, int(wc.length) // 8, recipe["global_batch"], attempt)[key]
+
+    return get
+
+
+TRAINING_RESOURCES = ("nodes", "tasks", "gpu", "cpus_per_task", "mem_mb", "runtime", "mpi")
+
+
 def pretrain_common_args(wc):
     recipe = pretrain_recipe(CFG, wc.model)
     args = [
@@ -52,11 +73,14 @@ rule pretrain_trunk:
         common=pretrain_common_args,
         init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
         resume=lambda wc: res(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"trunk_{wc.iter}"),
+        launch=lambda wc, resources: launch(resources),
     threads: pretrain_threads
+    resources:
+        **{k: trunk_resources(k) for k in TRAINING_RESOURCES},
     log:
         res("logs/pretrain/{model}/{dataset}/trunk_{iter}.log"),
     shell:
-        "{MIMLIB} pretrain {params.common} --manifest {input.manifest} {params.init} "
+        "{params.launch} pretrain {params.common} --manifest {input.manifest} {params.init} "
         "--end-iter {wildcards.iter} --out {output.ckpt} --log-out {output.metrics} "
         "--resume-dir {params.resume} --no-progress > {log} 2>&1"
 
@@ -75,11 +99,14 @@ rule pretrain_branch:
         decay_at=lambda wc: int(wc.length) * 7 // 8,
         cell=lambda wc: quoted_json({"model": wc.model, "dataset": wc.dataset, "length": int(wc.length)}),
         resume=lambda wc: res(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"branch_{wc.length}"),
+        launch=lambda wc, resources: launch(resources),
     threads: pretrain_threads
+    resources:
+        **{k: branch_resources(k) for k in TRAINING_RESOURCES},
     log:
         res("logs/pretrain/{model}/{dataset}/branch_{length}.log"),
     shell:
-        "{MIMLIB} pretrain {params.common} --manifest {input.manifest} --init {input.init} "
+        "{params.launch} pretrain {params.common} --manifest {input.manifest} --init {input.init} "
         "--end-iter {wildcards.length} --decay-at {params.decay_at} --cell-json {params.cell} "
         "--out {output.ckpt} --metrics-out {output.metrics} --log-out {output.log} --no-optimizer "
         "--resume-dir {params.resume} --no-progress > {log} 2>&1"

@@ -1,0 +1,79 @@
+"""What each job asks a scheduler for, derived from the config (model size, recipe, length).
+
+Snakemake rules call these for their ``resources:``; the Slurm executor turns them into
+sbatch flags (nodes, tasks, GPUs, CPUs, memory, runtime). A SwinV2-g trunk asks for more than
+a SwinV2-S decay branch because its GPU count and its throughput come from the config.
+Runtimes grow linearly with Snakemake's ``attempt``, so a retried job gets more time (and it
+resumes from its rolling checkpoint, so no work is repeated).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+# Fallback throughput (images/s of one process) where the config gives none: one H200 at
+# 192 px, bf16 (docs/measurements.md: SwinV2-B 716 eager, 1,187 compiled), scaled by FLOPs
+# for the other sizes; the CPU demo sizes at 96 px on one core.
+DEFAULT_IMAGES_PER_S = {
+    "swinv2_s": 2000.0, "swinv2_b": 1100.0, "swinv2_l": 500.0, "swinv2_h": 150.0, "swinv2_g": 95.0,
+    "swinv2_pico": 60.0, "swinv2_nano": 45.0, "default": 100.0,
+}
+DEFAULT_FINETUNE_RUNTIME_MIN = {"in1k": 2880.0, "inat18": 1440.0, "coco": 1440.0, "ade20k": 960.0, "default": 60.0}
+
+
+def _lookup(table: Mapping[str, Any], keys: list[str], fallback: Any) -> Any:
+    for key in keys:
+        if key in table:
+            return table[key]
+    return table.get("default", fallback)
+
+
+def _layout(gpus: int, res: Mapping[str, Any]) -> dict[str, Any]:
+    """nodes / tasks / GPU flags for a job of ``gpus`` GPUs (0 = a CPU job of cpu_tasks ranks)."""
+    if gpus == 0:
+        tasks = res["cpu_tasks"]
+        layout: dict[str, Any] = {"nodes": 1, "tasks": tasks, "gpu": 0}
+    else:
+        per_node = min(gpus, res["gpus_per_node"])
+        nodes = math.ceil(gpus / per_node)
+        tasks = gpus  # one process per GPU
+        # gres per node + one task per GPU: the pairing slurm.md found Slurm 22.05 accepts
+        layout = {"nodes": nodes, "tasks": tasks, "gpu": gpus, "gres": f"gpu:{per_node}", "tasks_per_gpu": 1}
+    tasks_per_node = math.ceil(tasks / layout["nodes"])
+    layout["cpus_per_task"] = res["cpus_per_task"]
+    layout["mem_mb"] = res["mem_mb_per_task"] * tasks_per_node  # --mem is per node
+    # The launcher (workflow/scripts/launch.sh) runs srun itself for several processes.
+    layout["mpi"] = "srun" if tasks > 1 else ""
+    return layout
+
+
+def _runtime(minutes: float, res: Mapping[str, Any], attempt: int) -> int:
+    minutes = max(minutes * res["runtime_margin"], res["min_runtime_min"]) * attempt
+    return int(math.ceil(min(minutes, res["max_runtime_min"])))
+
+
+def pretrain_resources(cfg: Mapping[str, Any], model: str, iterations: int, global_batch: int, attempt: int = 1) -> dict[str, Any]:
+    """A pre-training job (a trunk segment or a decay branch) of ``iterations`` iterations."""
+    res = cfg["resources"]
+    gpus = _lookup(res["pretrain_gpus"], [model], 0)
+    layout = _layout(gpus, res)
+    per_process = _lookup(res["images_per_s"], [model], DEFAULT_IMAGES_PER_S.get(model, DEFAULT_IMAGES_PER_S["default"]))
+    processes = max(gpus, 1) if gpus else 1  # CPU ranks share one machine's cores
+    minutes = iterations * global_batch / (per_process * processes) / 60
+    layout["runtime"] = _runtime(minutes, res, attempt)
+    return layout
+
+
+def finetune_resources(cfg: Mapping[str, Any], task: str, model: str, attempt: int = 1) -> dict[str, Any]:
+    res = cfg["resources"]
+    keys = [f"{task}.{model}", task]
+    layout = _layout(_lookup(res["finetune_gpus"], keys, 0), res)
+    minutes = _lookup(res["finetune_runtime_min"], keys, DEFAULT_FINETUNE_RUNTIME_MIN.get(task, 60.0))
+    layout["runtime"] = _runtime(minutes, res, attempt)
+    return layout
+
+
+def light_resources(attempt: int = 1) -> dict[str, Any]:
+    """Data preparation and aggregation: one CPU process, no GPU."""
+    return {"nodes": 1, "tasks": 1, "gpu": 0, "cpus_per_task": 2, "mem_mb": 8000, "runtime": 60 * attempt, "mpi": ""}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Start a mimlib command as NTASKS processes (one per GPU, or gloo ranks on CPU):
+#   launch.sh NODES NTASKS PYTHON <mimlib args...>
+# - 1 process: run it directly (a laptop, or a single-GPU Slurm job);
+# - inside a Slurm job: srun starts the ranks on the allocated nodes; each reads
+#   SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, MASTER_ADDR is the job's first host;
+# - otherwise: torchrun on this machine.
+set -euo pipefail
+nodes=$1 ntasks=$2 python=$3
+shift 3
+if [ "$ntasks" -le 1 ]; then
+  exec "$python" -m mimlib "$@"
+fi
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  # The jobstep plugin strips most SLURM_* variables: ask the controller for the node list.
+  first=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)" | head -n 1)
+  export MASTER_ADDR=${first:-$(hostname -s)}
+  export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # srun forwards SIGTERM (time limit, scancel) to every rank; each saves and exits 143.
+  exec srun --nodes="$nodes" --ntasks="$ntasks" --kill-on-bad-exit=1 "$python" -m mimlib "$@"
+fi
+if [ "$nodes" -gt 1 ]; then
+  echo "launch.sh: $nodes nodes requested outside Slurm; run this job through the slurm profile" >&2
+  exit 2
+fi
+exec "$python" -m torch.distributed.run --standalone --nproc_per_node="$ntasks" -m mimlib "$@"

@@ -121,6 +121,15 @@ def _cmd_finetune_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mimlib.config import load_config
+    from mimlib.plan import format_plan, plan
+
+    cfg = load_config(args.config, check_paths=False)
+    print(format_plan(plan(cfg), show_jobs=args.jobs))
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from mimlib.analysis.pretrain_summary import write_pretrain_summary
     from mimlib.config import load_config, validate_config
@@ -208,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="results")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_finetune_summary)
+
+    s = sub.add_parser("plan", help="jobs, GPU-hours, trunk-reuse saving and critical path of a study")
+    s.add_argument("config")
+    s.add_argument("--jobs", action="store_true", help="list every job with its GPUs and hours")
+    s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("summary", help="collect pre-training metrics and curves of a study")
     g = s.add_mutually_exclusive_group(required=True)

@@ -67,6 +67,9 @@ def test_paper_scale_plan_on_a_fake_imagenet(tmp_path: Path) -> None:
     cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     cfg["sources"]["in1k"] = {"train": str(tmp_path / "imagenet/train"), "val": str(tmp_path / "imagenet/val")}
     cfg["sources"]["in22k"] = {"train": str(tmp_path / "in22k")}
+    for task in ("inat18", "coco", "ade20k"):
+        (tmp_path / task).mkdir()
+        cfg["finetune"][task]["data"] = {"root": str(tmp_path / task)}
     config = tmp_path / "paper.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out = snakemake(tmp_path, "-n", "--configfile", str(config))
@@ -76,9 +79,20 @@ def test_paper_scale_plan_on_a_fake_imagenet(tmp_path: Path) -> None:
         "pretrain_trunk": 5 * 6 * 3,  # one trunk per model x dataset, cut at 109,375 / 218,750 / 437,500
         "pretrain_branch": 5 * 6 * 3,
         "pretrain_summary": 1,
+        "finetune": 4 * 5 * 6 * 3,  # four tasks for every cell
+        "finetune_summary": 1,
         "all": 1,
     }
     assert "--end-iter 437500" in out and "--decay-at 109375" in out
+    # every training job asks for GPUs (more for bigger models); data and summary jobs for none
+    blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", out, re.M | re.S)
+    gpus: dict[str, set[int]] = {}
+    for rule, body in blocks:
+        m = re.search(r"resources: .*?\bgpu=(\d+)", body)
+        gpus.setdefault(rule, set()).add(int(m.group(1)) if m else 0)
+    assert gpus["pretrain_trunk"] == {8, 16, 32, 64} and gpus["pretrain_branch"] == {8, 16, 32, 64}
+    assert gpus["finetune"] == {8, 16, 32}
+    assert gpus["index"] == gpus["manifest"] == gpus["pretrain_summary"] == gpus["finetune_summary"] == {0}
     # a missing dataset root stops before any job, naming the key
     cfg["sources"]["in22k"] = {"train": str(tmp_path / "missing22k")}
     config.write_text(yaml.safe_dump(cfg))

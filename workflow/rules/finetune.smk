@@ -52,6 +52,10 @@ def finetune_threads(wc):
     return max(recipe.get("threads") or 1, recipe.get("num_workers", 0))
 
 
+def ft_resources(key):
+    return lambda wc, attempt: finetune_resources(CFG, wc.task, wc.model, attempt)[key]
+
+
 rule task_demo_data:
     output:
         directory(res(P.DEMO_TASK)),
@@ -76,11 +80,14 @@ rule finetune:
         out_dir=lambda wc: res("finetune/{task}/{model}/{ftdataset}/{length}".format(**wc)),
         resume=lambda wc: res(P.FINETUNE_RESUME, task=wc.task, model=wc.model, dataset=wc.ftdataset, length=wc.length),
         seed=CFG["seed"],
+        launch=lambda wc, resources: launch(resources),
     threads: finetune_threads
+    resources:
+        **{k: ft_resources(k) for k in TRAINING_RESOURCES},
     log:
         res("logs/finetune/{task}/{model}/{ftdataset}_{length}.log"),
     shell:
-        "{MIMLIB} finetune --task {wildcards.task} --model {wildcards.model} {params.checkpoint} "
+        "{params.launch} finetune --task {wildcards.task} --model {wildcards.model} {params.checkpoint} "
         "--recipe-json {params.recipe} --data-json {params.data} --cell-json {params.cell} "
         "--out-dir {params.out_dir} --resume-dir {params.resume} --seed {params.seed} --no-progress "
         "> {log} 2>&1"

@@ -188,8 +188,9 @@ def test_ddp_two_processes_match_one(tmp_path: Path, tiny_data: dict, tiny_recip
     single = job(tmp_path, tiny_data, recipe, "single", 6, None)
     run_pretrain(single, progress=False)
     ddp = job(tmp_path, tiny_data, {**recipe, "micro_batch": 2}, "ddp", 6, None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + _cli(ddp)[1:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
+    # launched the way the workflow launches a 2-rank job (torchrun here, srun inside Slurm)
+    cmd = [str(ROOT / "workflow/scripts/launch.sh"), "1", "2", sys.executable] + _cli(ddp)[3:]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     a, b = losses(single.log_out), losses(ddp.log_out)
     assert a.keys() == b.keys()

@@ -18,9 +18,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/aggregate.smk"
 
 
 rule all:
     input:
         res(P.PRETRAIN_SUMMARY),
         res(P.FINETUNE_SUMMARY) if FT["tasks"] else [],
+        rules.aggregate_all.input,

@@ -1,0 +1,287 @@
+"""One function per aggregation target: read the inputs, build, write (called by
+``workflow/rules/aggregate.smk`` and by the tests). Outputs live under the results folder at
+the paths of ``common`` (tables/, figures/, analysis/)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from mimlib import paths
+
+from . import common as C
+from .overfitting import classify_overfitting, read_overfitting
+
+TITLES = {
+    "table1": "Table 1: models (backbone parameters; encoder GFLOPs at pre-training and IN-1K fine-tuning size)",
+    "table2": "Table 2: pre-training datasets",
+    "table3": "Table 3: best IN-1K top-1 of each model x dataset (max over lengths)",
+    "table4": "Table 4: iNaturalist-18 top-1",
+    "table5": "Table 5: ADE20K mIoU",
+    "table6": "Table 6: COCO AP box / AP mask",
+    "table7": "Table 7: Pearson r between pre-training losses and fine-tuning scores",
+    "table8": "Table 8: decoders",
+    "table9": "Table 9: dataset sampling strategies",
+}
+
+
+def _out(results: str | Path, pattern: str, **kw: Any) -> Path:
+    return Path(results) / pattern.format(**kw)
+
+
+def table_paths(results: str | Path, name: str) -> dict[str, Path]:
+    return {ext: _out(results, C.TABLE, name=name, ext=ext) for ext in ("csv", "md", "html")}
+
+
+def figure_paths(results: str | Path, name: str) -> dict[str, Path]:
+    return {ext: _out(results, C.FIGURE, name=name, ext=ext) for ext in ("png", "pdf")}
+
+
+def manifest_paths(cfg: Mapping[str, Any], results: str | Path, datasets=None) -> dict[str, Path]:
+    names = list(cfg["datasets"]) if datasets is None else list(datasets)
+    return {ds: paths.at(results, paths.MANIFEST, dataset=ds) for ds in names}
+
+
+def val_index_path(cfg: Mapping[str, Any], results: str | Path) -> Path:
+    return paths.at(results, paths.INDEX, source=cfg["validation"]["source"], split="val")
+
+
+def largest_model(cfg: Mapping[str, Any]) -> str:
+    from .cost import encoder_params
+
+    return max(cfg["models"], key=encoder_params)
+
+
+def _write_table(cfg, results, name: str, df: pd.DataFrame, note: str = "") -> pd.DataFrame:
+    out = table_paths(results, name)
+    C.save_table(df, out["csv"], out["md"], out["html"], title=f"{TITLES[name]} — study {C.study_name(cfg)}",
+                 note=note, cfg=cfg)
+    return df
+
+
+def _summary(cfg, results) -> pd.DataFrame:
+    return C.read_pretrain_summary(cfg, paths.at(results, paths.PRETRAIN_SUMMARY))
+
+
+# ------------------------------------------------------------------ tables
+def write_table1(cfg, results) -> pd.DataFrame:
+    from .tables import table1
+
+    return _write_table(cfg, results, "table1", table1(cfg),
+                        "params: backbone parameters (no decoder, mask token or head); GFLOPs: fvcore count of "
+                        "one encoder forward on one image (a multiply-add = 1 FLOP).")
+
+
+def write_table2(cfg, results) -> pd.DataFrame:
+    from .tables import table2
+
+    return _write_table(cfg, results, "table2", table2(cfg, manifest_paths(cfg, results)))
+
+
+def write_table3(cfg, results) -> pd.DataFrame:
+    from .tables import table3
+
+    return _write_table(cfg, results, "table3", table3(cfg, results),
+                        "Empty: no IN-1K result for that model x dataset. scratch: from-scratch baseline.")
+
+
+def write_table_by_length(cfg, results, name: str) -> pd.DataFrame:
+    from . import tables
+
+    return _write_table(cfg, results, name, getattr(tables, name)(cfg, results),
+                        "Rows: model x pre-training length; length 0 = from-scratch baseline. Empty: no result.")
+
+
+def write_overfitting(cfg, results, tolerance: float | None = None) -> pd.DataFrame:
+    tol = C.analysis_settings(cfg)["overfit_tolerance"] if tolerance is None else tolerance
+    summary = _summary(cfg, results)
+    curves = C.read_curves(paths.at(results, paths.PRETRAIN_CURVES))
+    df = classify_overfitting(summary, curves, tol)
+    out = _out(results, C.OVERFITTING)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False, float_format="%.6g")
+    return df
+
+
+def _overfit(results) -> pd.DataFrame:
+    return read_overfitting(_out(results, C.OVERFITTING))
+
+
+def write_table7(cfg, results) -> pd.DataFrame:
+    from .tables import table7
+
+    cells = C.scored_cells(cfg, results, _summary(cfg, results))
+    tol = C.analysis_settings(cfg)["overfit_tolerance"]
+    return _write_table(cfg, results, "table7", table7(cfg, cells, _overfit(results)),
+                        f"Over the pre-trained cells with a score; overfitting per mimlib/analysis/overfitting.py "
+                        f"(tolerance {tol}). Empty r: fewer than 3 cells in the group.")
+
+
+def write_table8(cfg, results) -> pd.DataFrame:
+    from .tables import table8
+
+    df = table8(cfg, results, _summary(cfg, results))
+    note = ("params_m: encoder + mask token + decoder (millions)." if len(df) else
+            "Empty: every model of this study uses the same decoder (pretrain.decoder), nothing to compare.")
+    return _write_table(cfg, results, "table8", df, note)
+
+
+def write_table9(cfg, results) -> pd.DataFrame:
+    from .tables import sampling_candidates, table9
+
+    stats = C.manifest_stats(manifest_paths(cfg, results, sampling_candidates(cfg)))
+    df = table9(cfg, results, _summary(cfg, results), stats)
+    note = "" if len(df) else "Empty: the study has no class-subset dataset (datasets.<name>.num_classes)."
+    return _write_table(cfg, results, "table9", df, note)
+
+
+# ------------------------------------------------------------------ figures
+def _cost_cells(cfg, results, scores: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from .cost import add_relative_cost
+
+    stats = pd.read_csv(table_paths(results, "table1")["csv"])
+    summary = _summary(cfg, results)
+    cells = C.scored_cells(cfg, results, summary) if scores else summary
+    return add_relative_cost(cells, stats, cfg["lengths"]), stats
+
+
+def write_figure1(cfg, results) -> None:
+    from .figures import figure1
+
+    cells, stats = _cost_cells(cfg, results)
+    out = figure_paths(results, "fig1")
+    figure1(cfg, cells, stats, out["png"], out["pdf"])
+
+
+def write_figure2(cfg, results) -> None:
+    from .figures import figure2
+
+    cells = C.scored_cells(cfg, results, _summary(cfg, results))
+    out = figure_paths(results, "fig2")
+    figure2(cfg, cells, out["png"], out["pdf"])
+
+
+def write_figure3(cfg, results) -> None:
+    from .figures import figure3
+
+    cells, stats = _cost_cells(cfg, results)
+    out = figure_paths(results, "fig3")
+    figure3(cfg, cells, stats, out["png"], out["pdf"])
+
+
+def write_figure4(cfg, results) -> None:
+    from .figures import figure4
+
+    cells = C.scored_cells(cfg, results, _summary(cfg, results))
+    out = figure_paths(results, "fig4")
+    figure4(cfg, cells, _overfit(results), out["png"], out["pdf"])
+
+
+def figure5_checkpoints(cfg, results) -> dict[str, Path]:
+    """dataset -> checkpoint of the largest model at the longest length (Figure 5's candidates)."""
+    model, length = largest_model(cfg), max(cfg["lengths"])
+    return {ds: paths.at(results, paths.CELL_CKPT, model=model, dataset=ds, length=length) for ds in cfg["datasets"]}
+
+
+def write_figure5(cfg, results) -> list[tuple[str, str]]:
+    from .reconstruction import figure5
+
+    out = figure_paths(results, "fig5")
+    return figure5(cfg, _overfit(results), largest_model(cfg), figure5_checkpoints(cfg, results),
+                   manifest_paths(cfg, results), val_index_path(cfg, results), out["png"], out["pdf"],
+                   images=int(C.analysis_settings(cfg)["reconstruction_images"]))
+
+
+def write_figure6(cfg, results) -> None:
+    from .figures import figure6
+    from .tables import sampling_candidates, sampling_pairs
+
+    stats = C.manifest_stats(manifest_paths(cfg, results, sampling_candidates(cfg)))
+    pairs = sampling_pairs(cfg, dict(zip(stats["dataset"], stats["images"])))
+    out = figure_paths(results, "fig6")
+    curves = C.read_curves(paths.at(results, paths.PRETRAIN_CURVES)) if pairs else pd.DataFrame()
+    figure6(cfg, curves, pairs, out["png"], out["pdf"])
+
+
+def write_curve_figure(cfg, results, name: str) -> None:
+    from . import figures
+
+    curves = C.read_curves(paths.at(results, paths.PRETRAIN_CURVES))
+    out = figure_paths(results, name)
+    {"fig7": figures.figure7, "fig8": figures.figure8}[name](cfg, curves, out["png"], out["pdf"])
+
+
+# ------------------------------------------------------------------ beyond the paper
+def write_proxy(cfg, results) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from .proxy import proxy_figure, proxy_tables
+
+    cells = C.scored_cells(cfg, results, _summary(cfg, results))
+    per_cell, summary = proxy_tables(cfg, cells)
+    _out(results, C.PROXY_CELLS).parent.mkdir(parents=True, exist_ok=True)
+    per_cell.to_csv(_out(results, C.PROXY_CELLS), index=False, float_format="%.6g")
+    summary.to_csv(_out(results, C.PROXY_SUMMARY), index=False, float_format="%.6g")
+    title = f"Validation loss as a proxy for fine-tuning — study {C.study_name(cfg)}"
+    note = ("Per task score: line score = slope * val_loss + intercept fitted on every measured cell; "
+            "predicted_loo leaves the cell out. spearman_val_loss: rank agreement of low val loss and high "
+            "score (+1 = perfect). runs_needed: fine-tuning the cells in val-loss order finds the measured "
+            "best after this many runs; runs_saved = the rest. regret_topk: best score minus the best of "
+            "the k lowest-loss cells.")
+    _out(results, C.PROXY_REPORT, ext="md").write_text(
+        f"**{title}**\n\n{note}\n\n" + C.markdown_table(C.pretty(summary, cfg)) + "\n\nPer cell:\n\n"
+        + C.markdown_table(C.pretty(per_cell, cfg)))
+    _out(results, C.PROXY_REPORT, ext="html").write_text(
+        C.html_page(title, [("Summary", C.pretty(summary, cfg)), ("Per cell", C.pretty(per_cell, cfg))], note))
+    out = figure_paths(results, "proxy")
+    proxy_figure(cfg, per_cell, out["png"], out["pdf"])
+    return per_cell, summary
+
+
+def write_scaling(cfg, results):
+    from .scaling import scaling_figure, scaling_inputs, study_scaling
+
+    stats = pd.read_csv(table_paths(results, "table1")["csv"])
+    datasets = C.manifest_stats(manifest_paths(cfg, results))
+    inputs = scaling_inputs(cfg, _summary(cfg, results), stats, datasets, _overfit(results))
+    fit, cells, predictions = study_scaling(cfg, inputs)
+    _out(results, C.SCALING_JSON).parent.mkdir(parents=True, exist_ok=True)
+    _out(results, C.SCALING_JSON).write_text(fit.to_json() + "\n")
+    cells.to_csv(_out(results, C.SCALING_FIT), index=False, float_format="%.6g")
+    predictions.to_csv(_out(results, C.SCALING_PREDICTIONS), index=False, float_format="%.6g")
+    title = f"Scaling fit of the validation loss — study {C.study_name(cfg)}"
+    refs = ", ".join(f"{a}0 = {fit.refs[a]:.6g}" for a in fit.axes)
+    params = pd.DataFrame([{"parameter": k, "value": v} for k, v in fit.params.items()])
+    quality = (f"form: {fit.form}; {fit.formula}; {refs}; N = backbone parameters, D = pre-training images, "
+               f"I = iterations; {fit.n} cells, R^2 = {fit.r2:.4f}, RMSE = {fit.rmse:.5f}. {fit.note}")
+    _out(results, C.SCALING_REPORT, ext="md").write_text(
+        f"**{title}**\n\n{quality}\n\n" + C.markdown_table(params) + "\n\nPredictions for cells not run:\n\n"
+        + C.markdown_table(predictions) + "\n\nPer cell:\n\n" + C.markdown_table(C.pretty(cells, cfg)))
+    _out(results, C.SCALING_REPORT, ext="html").write_text(C.html_page(
+        title, [("Parameters", params), ("Predictions for cells not run", predictions),
+                ("Per cell", C.pretty(cells, cfg))], quality))
+    out = figure_paths(results, "scaling")
+    scaling_figure(cfg, fit, cells, out["png"], out["pdf"])
+    return fit, cells, predictions
+
+
+#: target name (the rule's) -> writer(cfg, results), in an order that builds inputs first
+TARGETS: dict[str, Callable[..., Any]] = {
+    "overfitting": write_overfitting, "table1": write_table1, "table2": write_table2, "table3": write_table3,
+    "table4": partial(write_table_by_length, name="table4"),
+    "table5": partial(write_table_by_length, name="table5"),
+    "table6": partial(write_table_by_length, name="table6"),
+    "table7": write_table7, "table8": write_table8, "table9": write_table9,
+    "fig1": write_figure1, "fig2": write_figure2, "fig3": write_figure3, "fig4": write_figure4,
+    "fig5": write_figure5, "fig6": write_figure6,
+    "fig7": partial(write_curve_figure, name="fig7"), "fig8": partial(write_curve_figure, name="fig8"),
+    "proxy": write_proxy, "scaling": write_scaling,
+}
+
+
+def run_target(name: str, cfg: Mapping[str, Any], results: str | Path | None = None, **kw: Any) -> Any:
+    """Build one aggregation target (``cfg`` validated, e.g. the workflow's ``CFG``)."""
+    if name not in TARGETS:
+        raise KeyError(f"unknown aggregation target {name!r} (known: {', '.join(TARGETS)})")
+    return TARGETS[name](cfg, results if results is not None else cfg["results"], **kw)

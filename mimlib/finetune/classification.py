@@ -1,0 +1,415 @@
+"""Classification fine-tuning (ImageNet-1K, Table 11; iNaturalist 2018, Table 12): one engine.
+
+A SwinV2 at the task size (224 px, window 14 in the paper) is initialised from a SimMIM cell
+checkpoint (or from scratch), given timm's own classifier head (``head.fc``, a Linear after
+global average pooling, initialised as timm / the reference do: truncated normal std 0.02,
+zero bias) and trained with the reference recipe: AdamW over reference layer-decay groups,
+cosine schedule with linear warmup stepped per optimiser update, RandAugment + random
+erasing, Mixup/CutMix with label smoothing, drop path, gradient clipping, bf16 autocast on GPU.
+
+Learning rates are given per 512 images and scaled linearly with the global batch, as the
+reference does (``lr * batch / 512`` for the base, warmup and minimum lr). The paper's
+"5e-3 at batch 2048" is ``base_lr=1.25e-3``; warmup and minimum lr are 2.5e-7 per 512
+(microsoft/Swin-Transformer ``configs/simmim/simmim_finetune__swinv2_base__img224_window14``;
+the paper does not give them). timm's ``CosineLRScheduler`` gives the lr of update ``k``
+with ``warmup_prefix=True`` (cosine over the updates after warmup, as the reference's
+``build_scheduler`` does).
+
+Determinism: the epoch's sample order is a permutation seeded by ``(seed, epoch)``, each
+sample's augmentation by ``(seed, epoch, index)`` (see :mod:`mimlib.data.classification`),
+and Mixup / drop path by ``(seed, epoch, update, micro-step, rank)``, so on CPU a killed job
+resumed from its rolling checkpoint ends with the same weights and log as an uninterrupted
+one. The global batch is ``micro_batch x world_size x accumulation`` and does not depend on
+the number of ranks. Accuracy is in percent, over the whole val split (summed across ranks).
+
+Outputs in ``job.out_dir``: ``metrics.json`` (best-epoch top-1 and its top-5, last top-1),
+``log.jsonl`` (one record per epoch), ``best.pt`` and ``last.pt`` (model weights only:
+``{"model", "model_name", "task", "epoch", "top1", "num_classes", "recipe"}``). While the
+job runs, its log, rolling checkpoints and the current best weights live in
+``job.resume_dir`` (published at the end), so a failed job's partial outputs never mislead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from mimlib.data.classification import (
+    ClassificationDataset,
+    build_eval_transform,
+    build_train_transform,
+    load_classification_splits,
+)
+from mimlib.data.pretrain_data import stable_seed
+from mimlib.finetune.common import (
+    FinetuneJob,
+    ResumableState,
+    autocast,
+    build_optimizer,
+    job_logger,
+    set_lr,
+    write_metrics,
+)
+from mimlib.models.pretrained import build_finetune_encoder
+from mimlib.train import checkpoint as ckpt
+from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.schedule import scaled_lr
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "KNOWN_KEYS",
+    "EpochBatchSampler",
+    "NonFiniteLossError",
+    "check_recipe",
+    "cosine_lr_schedule",
+    "evaluate",
+    "run",
+]
+
+#: Table 11 (ImageNet-1K, SwinV2-S). iNat-18 (Table 12) differs in base_lr (1.6e-2 at 2048
+#: = 4e-3 per 512) and weight_decay (0.1); per-model layer decay (S/B/L 0.8/0.75/0.7;
+#: H/g 0.65 and 50/10 epochs on IN-1K) comes from the config.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "img_size": 224,
+    "window_size": 14,
+    "epochs": 100,
+    "warmup_epochs": 20,
+    "layer_decay": 0.8,
+    "global_batch": 2048,
+    "micro_batch": 64,  # per rank and forward pass; accumulation fills the global batch
+    "base_lr": 1.25e-3,  # per 512 images: 5e-3 at 2048
+    "warmup_lr": 2.5e-7,  # per 512 images
+    "min_lr": 2.5e-7,  # per 512 images
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.999],
+    "eps": 1e-8,
+    "clip_grad": 5.0,  # max grad norm; 0/None = no clipping
+    "drop_path": 0.2,
+    "label_smoothing": 0.1,
+    "crop_scale": [0.08, 1.0],
+    "crop_ratio": [0.75, 4 / 3],
+    "hflip": 0.5,
+    "color_jitter": 0.4,  # timm ignores it while RandAugment is on (as the reference)
+    "auto_augment": "rand-m9-mstd0.5-inc1",  # null = no RandAugment
+    "reprob": 0.25,
+    "remode": "pixel",
+    "mixup": 0.8,  # Mixup alpha (0 = off)
+    "cutmix": 1.0,  # CutMix alpha (0 = off)
+    "mixup_switch_prob": 0.5,
+    "mixup_prob": 1.0,
+    "eval_resize_ratio": 224 / 256,  # eval: resize short side to img_size / ratio, centre crop
+    "num_workers": 8,
+    "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    "fused_attention": True,  # SDPA window attention (mimlib.models.attention)
+    "compile": False,  # torch.compile the training forward
+    "log_every": 50,  # updates between progress-bar refreshes (the log is per epoch)
+    "threads": None,  # torch CPU threads (None = torch's default)
+}
+KNOWN_KEYS: set[str] = set(DEFAULT_RECIPE)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good rolling checkpoint is kept."""
+
+
+def check_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Reject unknown keys (typos); return the recipe completed with the defaults."""
+    unknown = sorted(set(recipe) - KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown classification recipe key(s) {unknown}; known: {sorted(KNOWN_KEYS)}")
+    r = {**DEFAULT_RECIPE, **recipe}
+    if r["epochs"] < 1 or not 0 <= r["warmup_epochs"] <= r["epochs"]:
+        raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {r['epochs']}, {r['warmup_epochs']}")
+    if r["global_batch"] < 1 or r["micro_batch"] < 1:
+        raise ValueError(f"global_batch {r['global_batch']} and micro_batch {r['micro_batch']} must be >= 1")
+    if mixup_active(r) and r["micro_batch"] % 2:
+        raise ValueError(
+            f"Mixup/CutMix (mixup={r['mixup']}, cutmix={r['cutmix']}) needs an even micro_batch, got "
+            f"{r['micro_batch']}; make micro_batch even or set mixup and cutmix to 0"
+        )
+    return r
+
+
+def mixup_active(r: dict[str, Any]) -> bool:
+    return (r["mixup"] > 0 or r["cutmix"] > 0) and r["mixup_prob"] > 0
+
+
+def accumulation_steps(r: dict[str, Any], world_size: int) -> int:
+    per_pass = r["micro_batch"] * world_size
+    if r["global_batch"] % per_pass:
+        raise ValueError(
+            f"global_batch {r['global_batch']} is not a multiple of micro_batch {r['micro_batch']} x "
+            f"world_size {world_size} = {per_pass}"
+        )
+    return r["global_batch"] // per_pass
+
+
+def cosine_lr_schedule(r: dict[str, Any], updates_per_epoch: int) -> list[float]:
+    """lr (before layer-decay scaling) of every optimiser update of the run, from timm's
+    ``CosineLRScheduler`` (per update, warmup prefix, scaled per 512 images)."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = r["epochs"] * updates_per_epoch
+    warmup = round(r["warmup_epochs"] * updates_per_epoch)  # fractional warmup epochs allowed
+    base = scaled_lr(r["base_lr"], r["global_batch"])
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    sched = CosineLRScheduler(
+        dummy,
+        t_initial=max(total - warmup, 1),
+        lr_min=scaled_lr(r["min_lr"], r["global_batch"]),
+        warmup_t=warmup,
+        warmup_lr_init=scaled_lr(r["warmup_lr"], r["global_batch"]),
+        warmup_prefix=True,
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
+    lrs = []
+    for k in range(total):
+        sched.step_update(k)
+        lrs.append(float(dummy.param_groups[0]["lr"]))
+    return lrs
+
+
+class EpochBatchSampler(Sampler):
+    """This rank's micro-batches of one epoch, as lists of ``(index, epoch)`` keys.
+
+    The epoch's order is a permutation of the dataset seeded by ``(seed, epoch)``; the last
+    incomplete global batch is dropped. Global batch ``u`` is cut into ``world x accum``
+    micro-batches; rank ``r`` takes micro-batches ``r, r + world, ...``. Yields updates
+    ``start_update ..`` only (``set_epoch`` resets it to 0).
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, micro_batch: int, rank: int, world_size: int, seed: int):
+        if num_samples < global_batch:
+            raise ValueError(f"training set of {num_samples} images is smaller than global_batch {global_batch}")
+        self.n, self.g, self.m = num_samples, global_batch, micro_batch
+        self.rank, self.world, self.seed = rank, world_size, seed
+        self.accum = global_batch // (micro_batch * world_size)
+        self.updates_per_epoch = num_samples // global_batch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.updates_per_epoch * self.accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = np.random.default_rng(stable_seed(self.seed, "ft-order", self.epoch)).permutation(self.n)
+        for u in range(self.updates_per_epoch):
+            chunk = perm[u * self.g:(u + 1) * self.g]
+            for a in range(self.accum):
+                j = a * self.world + self.rank
+                yield [(int(i), self.epoch) for i in chunk[j * self.m:(j + 1) * self.m]]
+
+
+def _seed_step(*parts: Any) -> None:
+    s = stable_seed(*parts)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, r: dict[str, Any], info: DistInfo) -> tuple[float, float, float]:
+    """(top-1 %, top-5 %, mean CE loss) over the val split, summed across ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # correct1, correct5, loss, n
+    for images, labels in loader:
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device, non_blocking=True)
+        with autocast(r, info.device):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(labels[:, None])
+        totals[0] += hit[:, :1].sum()
+        totals[1] += hit.any(dim=1).sum()
+        totals[2] += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        totals[3] += labels.numel()
+    all_reduce_sum(totals, info)
+    model.train(was_training)
+    n = max(float(totals[3]), 1.0)
+    return 100.0 * float(totals[0]) / n, 100.0 * float(totals[1]) / n, float(totals[2]) / n
+
+
+def _weights(model: nn.Module, job: FinetuneJob, r: dict[str, Any], epoch: int, top1: float, num_classes: int) -> dict:
+    return {"model": model.state_dict(), "model_name": job.model, "task": job.task, "epoch": epoch,
+            "top1": top1, "num_classes": num_classes, "recipe": job.recipe}
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically (the two may be on different filesystems)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``job`` to ``recipe['epochs']`` (resuming from ``job.resume_dir`` if a rolling
+    checkpoint is there); returns the ``metrics.json`` record."""
+    started = time.time()
+    r = check_recipe(job.recipe)
+    info = init_distributed(job.device)
+    accum = accumulation_steps(r, info.world_size)
+    if r.get("threads"):
+        torch.set_num_threads(int(r["threads"]))
+
+    splits = load_classification_splits(job.data)
+    num_classes = splits.num_classes
+
+    # Same initial weights (the head; everything for scratch) on every rank and every resume.
+    torch.manual_seed(stable_seed(job.seed, "ft-init", job.task, job.model))
+    model, init_info = build_finetune_encoder(
+        job.model, job.checkpoint, r["img_size"], r["window_size"], r["drop_path"],
+        trust_pickle=job.trust_pickle, num_classes=num_classes,
+    )
+    if r["fused_attention"]:
+        from mimlib.models.attention import use_fused_attention
+
+        use_fused_attention(model)
+    model.to(info.device)
+    optimizer = build_optimizer(model, {**r, "lr": 0.0}, info.device, "", job.model)
+    state = ResumableState(job, info)
+    start_epoch, extra = state.load(model, optimizer)
+    logger = job_logger(job, info, start_epoch, key="epoch")
+    if info.is_main:
+        log.info("%s/%s: epochs %d -> %d (%s init)", job.task, job.model, start_epoch, r["epochs"], init_info["format"])
+
+    train_set = ClassificationDataset(splits.train, build_train_transform(r), seed=job.seed)
+    sampler = EpochBatchSampler(len(train_set), r["global_batch"], r["micro_batch"], info.rank, info.world_size, job.seed)
+    pin = info.device.type == "cuda"
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], pin_memory=pin,
+                        persistent_workers=False, prefetch_factor=4 if r["num_workers"] > 0 else None)
+    val_set = ClassificationDataset(splits.val, build_eval_transform(r), seed=job.seed)
+    val_loader = DataLoader(Subset(val_set, list(range(info.rank, len(val_set), info.world_size))),
+                            batch_size=r["micro_batch"], num_workers=min(r["num_workers"], 4), pin_memory=pin)
+
+    mixup_fn = None
+    if mixup_active(r):
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        mixup_fn = Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], prob=r["mixup_prob"],
+                         switch_prob=r["mixup_switch_prob"], mode="batch",
+                         label_smoothing=r["label_smoothing"], num_classes=num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=r["label_smoothing"])
+
+    ddp_model: nn.Module = model
+    if info.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    train_model = torch.compile(ddp_model) if r["compile"] else ddp_model
+
+    updates = sampler.updates_per_epoch
+    lrs = cosine_lr_schedule(r, updates)
+    best_top1 = float(extra.get("best_top1", -1.0))
+    best_top5 = float(extra.get("best_top5", 0.0))
+    best_epoch = int(extra.get("best_epoch", 0))
+    last_top1 = extra.get("last_top1")
+    work_best = Path(job.resume_dir) / "best.pt"
+    out_dir = Path(job.out_dir)
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=r["epochs"] * updates, initial=start_epoch * updates, unit="upd", dynamic_ncols=True,
+                   desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}")
+    model.train()
+    for epoch in range(start_epoch, r["epochs"]):
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+        t0 = time.perf_counter()
+        lr = lrs[epoch * updates]
+        for u in range(updates):
+            lr = lrs[epoch * updates + u]
+            set_lr(optimizer, lr)
+            step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+            for a in range(accum):
+                images, labels = next(batches)
+                # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
+                # micro-step so the run does not depend on where it was resumed.
+                _seed_step(job.seed, "ft-step", epoch, u, a, info.rank)
+                images = images.to(info.device, non_blocking=True)
+                labels = labels.to(info.device, non_blocking=True)
+                targets = labels
+                if mixup_fn is not None:
+                    images, targets = mixup_fn(images, labels)
+                sync = a == accum - 1 or not info.distributed
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
+                    loss = criterion(train_model(images), targets)
+                (loss / accum).backward()
+                step_loss += loss.detach().double() / accum
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
+            reduced = all_reduce_sum(step_loss.clone(), info) / info.world_size
+            # The gradients are all-reduced, so the norm is the same on every rank.
+            if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
+                raise NonFiniteLossError(
+                    f"{job.task}/{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at epoch {epoch} "
+                    f"(0-based), update {u} of {updates}; the last good state is kept in {job.resume_dir}"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            epoch_loss += reduced
+            if bar is not None:
+                bar.update(1)
+                if (u + 1) % r["log_every"] == 0 or u + 1 == updates:
+                    bar.set_postfix(loss=f"{float(reduced):.4f}", lr=f"{lr:.2e}")
+        train_time = time.perf_counter() - t0
+        done = epoch + 1
+        top1, top5, val_loss = evaluate(model, val_loader, r, info)
+        last_top1 = top1
+        if top1 > best_top1:
+            best_top1, best_top5, best_epoch = top1, top5, done
+            if info.is_main:
+                ckpt.save_atomic(_weights(model, job, r, done, top1, num_classes), work_best)
+        record = {"epoch": done, "train_loss": float(epoch_loss) / updates, "lr": lr, "top1": top1, "top5": top5,
+                  "val_loss": val_loss, "images_per_s": updates * r["global_batch"] / max(train_time, 1e-9)}
+        logger.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", top1=f"{top1:.2f}", best=f"{best_top1:.2f}")
+        if done < r["epochs"]:
+            state.save(done, model, optimizer, {"best_top1": best_top1, "best_top5": best_top5,
+                                                "best_epoch": best_epoch, "last_top1": last_top1})
+            barrier(info)
+    if bar is not None:
+        bar.close()
+
+    if info.is_main:
+        ckpt.save_atomic(_weights(model, job, r, r["epochs"], float(last_top1), num_classes), out_dir / "last.pt")
+        if work_best.exists():
+            _publish(work_best, out_dir / "best.pt")
+        elif not (out_dir / "best.pt").exists():
+            raise RuntimeError(f"the best epoch's weights are neither in {work_best} nor in {out_dir / 'best.pt'}")
+    metrics = {"top1": best_top1, "top5": best_top5, "top1_last": float(last_top1), "best_epoch": best_epoch}
+    record = write_metrics(job, info, metrics, started, epochs=r["epochs"], num_classes=num_classes,
+                           init=init_info.get("format"))
+    if info.is_main:
+        work_best.unlink(missing_ok=True)
+        state.finish()
+    barrier(info)
+    return record

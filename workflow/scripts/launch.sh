@@ -15,7 +15,10 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   # The jobstep plugin strips most SLURM_* variables: ask the controller for the node list.
   first=$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)" | head -n 1)
   export MASTER_ADDR=${first:-$(hostname -s)}
-  export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # sbatch exports the submitting shell's environment: never let a stale rank or port leak in
+  # (ranks come from SLURM_PROCID; the port from the job id, below the ephemeral range).
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
+  export MASTER_PORT=${MIMSCALE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
   # srun forwards SIGTERM (time limit, scancel) to every rank; each saves and exits 143.
   exec srun --nodes="$nodes" --ntasks="$ntasks" --kill-on-bad-exit=1 "$python" -m mimlib "$@"
 fi

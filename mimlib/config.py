@@ -58,7 +58,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     """
     import jsonschema
 
-    from mimlib.models.swinv2 import MODELS  # local: keeps `import mimlib.config` light
+    from mimlib.models.registry import MODELS  # torch-free: every Snakemake job validates
 
     cfg = _fill_defaults(copy.deepcopy(dict(raw)), load_schema())
     validator = jsonschema.Draft202012Validator(load_schema())

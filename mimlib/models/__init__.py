@@ -1,44 +1,30 @@
-"""Models: SwinV2 size registry, SimMIM masking / model / decoders, reference import, FLOPs."""
+"""Models: SwinV2 size registry, SimMIM masking / model / decoders, reference import, FLOPs.
 
-from .decoders import DECODERS, TransformerDecoder, build_decoder, linear_decoder, register_decoder
-from .flops import encoder_gflops
-from .masking import MaskGenerator
-from .reference import (
-    REFERENCE_BUFFERS,
-    CheckpointMismatchError,
-    load_reference_checkpoint,
-    to_reference_state_dict,
-)
-from .simmim import SimMIM, build_simmim, encoder_state_dict, normalize_targets
-from .swinv2 import (
-    MODELS,
-    SwinV2Spec,
-    backbone_param_count,
-    build_encoder,
-    get_spec,
-    register_model,
-)
+Names are imported lazily, so ``from mimlib.models.registry import MODELS`` (config
+validation) does not pull in torch and timm.
+"""
 
-__all__ = [
-    "DECODERS",
-    "TransformerDecoder",
-    "build_decoder",
-    "linear_decoder",
-    "register_decoder",
-    "encoder_gflops",
-    "MaskGenerator",
-    "REFERENCE_BUFFERS",
-    "CheckpointMismatchError",
-    "load_reference_checkpoint",
-    "to_reference_state_dict",
-    "SimMIM",
-    "build_simmim",
-    "encoder_state_dict",
-    "normalize_targets",
-    "MODELS",
-    "SwinV2Spec",
-    "backbone_param_count",
-    "build_encoder",
-    "get_spec",
-    "register_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DECODERS": "decoders", "TransformerDecoder": "decoders", "build_decoder": "decoders",
+    "linear_decoder": "decoders", "register_decoder": "decoders",
+    "encoder_gflops": "flops",
+    "MaskGenerator": "masking",
+    "REFERENCE_BUFFERS": "reference", "CheckpointMismatchError": "reference",
+    "load_reference_checkpoint": "reference", "to_reference_state_dict": "reference",
+    "SimMIM": "simmim", "build_simmim": "simmim", "encoder_state_dict": "simmim", "normalize_targets": "simmim",
+    "MODELS": "registry", "SwinV2Spec": "registry", "get_spec": "registry", "register_model": "registry",
+    "backbone_param_count": "swinv2", "build_encoder": "swinv2",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mimlib.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mimlib.models.{_EXPORTS[name]}"), name)

@@ -1,4 +1,4 @@
-"""Registry of SwinV2 encoder sizes (paper Table 1 plus two CPU demo sizes) built on timm.
+"""SwinV2 encoders of the registered sizes (:mod:`mimlib.models.registry`), built on timm.
 
 Every encoder is timm's :class:`~timm.models.swin_transformer_v2.SwinTransformerV2` with
 ``num_classes=0``; this module only decides widths, depths and heads, so checkpoints stay in
@@ -7,11 +7,12 @@ timm's native key layout (downsampling at the *start* of stage ``i+1``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
 from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+from mimlib.models.registry import MODELS, SwinV2Spec, get_spec, register_model
 
 __all__ = [
     "SwinV2Spec",
@@ -21,73 +22,6 @@ __all__ = [
     "build_encoder",
     "backbone_param_count",
 ]
-
-
-@dataclass(frozen=True)
-class SwinV2Spec:
-    """Architecture of one SwinV2 size.
-
-    ``paper_params_m`` is the backbone parameter count in millions as printed in Table 1
-    (rounded there to whole millions); ``None`` for sizes the paper does not have.
-    """
-
-    name: str
-    embed_dim: int
-    depths: tuple[int, ...]
-    num_heads: tuple[int, ...]
-    paper_params_m: float | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.depths) != len(self.num_heads):
-            raise ValueError(
-                f"{self.name}: depths {self.depths} and num_heads {self.num_heads} differ in length"
-            )
-        for i, h in enumerate(self.num_heads):
-            width = self.embed_dim * 2**i
-            if width % h:
-                raise ValueError(f"{self.name}: stage {i} width {width} not divisible by {h} heads")
-
-    @property
-    def num_features(self) -> int:
-        """Channels of the last (stride-32 for 4 stages) feature map."""
-        return self.embed_dim * 2 ** (len(self.depths) - 1)
-
-
-def _paper(name: str, embed: int, heads0: int, params_m: float) -> SwinV2Spec:
-    # All five paper sizes share depths 2,2,18,2 and double the heads per stage (Table 1).
-    return SwinV2Spec(name, embed, (2, 2, 18, 2), tuple(heads0 * 2**i for i in range(4)), params_m)
-
-
-MODELS: dict[str, SwinV2Spec] = {
-    s.name: s
-    for s in (
-        _paper("swinv2_s", 96, 3, 49.0),
-        _paper("swinv2_b", 128, 4, 87.0),
-        _paper("swinv2_l", 192, 6, 195.0),
-        _paper("swinv2_h", 352, 11, 655.0),
-        _paper("swinv2_g", 448, 14, 1061.0),
-        # CPU demo sizes: same 4-stage shape (stride 32) so the SimMIM pipeline is unchanged,
-        # small enough that a 128px batch of 16 trains in well under a second per step on one core.
-        SwinV2Spec("swinv2_pico", 24, (1, 1, 2, 1), (1, 2, 4, 8), None),
-        SwinV2Spec("swinv2_nano", 32, (1, 1, 3, 1), (2, 4, 8, 16), None),
-    )
-}
-
-
-def register_model(spec: SwinV2Spec, overwrite: bool = False) -> SwinV2Spec:
-    """Add a user-defined size to :data:`MODELS` (refuses to replace one unless ``overwrite``)."""
-    if spec.name in MODELS and not overwrite and MODELS[spec.name] != spec:
-        raise ValueError(f"model {spec.name!r} already registered as {MODELS[spec.name]}")
-    MODELS[spec.name] = spec
-    return spec
-
-
-def get_spec(name: str) -> SwinV2Spec:
-    """Look a size up by name; unknown names raise KeyError listing the known ones."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
 
 
 def build_encoder(

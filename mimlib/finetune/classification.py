@@ -62,6 +62,7 @@ from mimlib.finetune.common import (
     set_lr,
     write_metrics,
 )
+from mimlib.finetune.recipes import CLASSIFICATION
 from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -83,42 +84,7 @@ __all__ = [
 #: Table 11 (ImageNet-1K, SwinV2-S). iNat-18 (Table 12) differs in base_lr (1.6e-2 at 2048
 #: = 4e-3 per 512) and weight_decay (0.1); per-model layer decay (S/B/L 0.8/0.75/0.7;
 #: H/g 0.65 and 50/10 epochs on IN-1K) comes from the config.
-DEFAULT_RECIPE: dict[str, Any] = {
-    "img_size": 224,
-    "window_size": 14,
-    "epochs": 100,
-    "warmup_epochs": 20,
-    "layer_decay": 0.8,
-    "global_batch": 2048,
-    "micro_batch": 64,  # per rank and forward pass; accumulation fills the global batch
-    "base_lr": 1.25e-3,  # per 512 images: 5e-3 at 2048
-    "warmup_lr": 2.5e-7,  # per 512 images
-    "min_lr": 2.5e-7,  # per 512 images
-    "weight_decay": 0.05,
-    "betas": [0.9, 0.999],
-    "eps": 1e-8,
-    "clip_grad": 5.0,  # max grad norm; 0/None = no clipping
-    "drop_path": 0.2,
-    "label_smoothing": 0.1,
-    "crop_scale": [0.08, 1.0],
-    "crop_ratio": [0.75, 4 / 3],
-    "hflip": 0.5,
-    "color_jitter": 0.4,  # timm ignores it while RandAugment is on (as the reference)
-    "auto_augment": "rand-m9-mstd0.5-inc1",  # null = no RandAugment
-    "reprob": 0.25,
-    "remode": "pixel",
-    "mixup": 0.8,  # Mixup alpha (0 = off)
-    "cutmix": 1.0,  # CutMix alpha (0 = off)
-    "mixup_switch_prob": 0.5,
-    "mixup_prob": 1.0,
-    "eval_resize_ratio": 224 / 256,  # eval: resize short side to img_size / ratio, centre crop
-    "num_workers": 8,
-    "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    "fused_attention": True,  # SDPA window attention (mimlib.models.attention)
-    "compile": False,  # torch.compile the training forward
-    "log_every": 50,  # updates between progress-bar refreshes (the log is per epoch)
-    "threads": None,  # torch CPU threads (None = torch's default)
-}
+DEFAULT_RECIPE: dict[str, Any] = CLASSIFICATION
 KNOWN_KEYS: set[str] = set(DEFAULT_RECIPE)
 
 

@@ -1,0 +1,509 @@
+"""COCO detection + instance segmentation fine-tuning: Mask R-CNN on SwinV2 (paper Table 13).
+
+Task ``coco``. ``job.data`` = ``{"train_images", "train_json", "val_images", "val_json"}``
+(:func:`mimlib.data.coco.coco_paths` builds it from a COCO 2017 folder).
+
+Recipe (:data:`DEFAULT_RECIPE`, Table 13 at paper scale):
+
+* crop 1024 (large-scale jitter [0.1, 2.0], flip 0.5), window 14, test resize (800, 1333);
+* AdamW (0.9, 0.999), eps 1e-8, wd 0.05 (none on 1-D params, biases and position-bias
+  tables); ``lr`` 8e-5 is the *absolute* peak lr at the recipe's ``global_batch`` 32 -- it is
+  not rescaled when ``global_batch`` changes (the reference, mmdetection, does not scale
+  either); set both together;
+* 36 epochs, linear warmup over 500 iterations from ``lr * warmup_ratio`` (mmdetection's
+  0.001), then x0.1 at epochs 27 and 33 -- all per iteration, an epoch being
+  ``len(train) // global_batch`` iterations;
+* drop path 0.1 (S/B; L uses 0.2 through the config's per-model override);
+* ``layer_decay`` 1.0: Table 13 lists no layer decay for COCO (Table 14 does for ADE20K), so
+  every parameter gets the same lr; the groups still carry the reference layer ids;
+* no gradient clipping (Table 13 lists none).
+
+The detector's own sizes (FPN 256 channels, 2-fc box head 1024, 4-conv mask head 256, RPN
+2000 -> 1000 proposals, 512 RoIs per image, ...) are recipe keys so the CPU demo can shrink
+them.
+
+The loop is iteration-based: iteration k of epoch e = k // epoch_iters draws the global batch
+slots ``[(k % epoch_iters) * B, ...)`` of a permutation of the training images seeded by
+(seed, e); the augmentation of slot s is seeded by (seed, k, s), and the global RNG (drop
+path, RPN / RoI sampling) is re-seeded per iteration and rank. Micro-batches of
+``micro_batch`` images accumulate to ``global_batch`` over all ranks. A job resumes from its
+newest rolling checkpoint (every ``checkpoint_every`` iterations and after the last one, so a
+job that fails in evaluation does not train again). At the end the model is
+evaluated on the validation set (sharded over ranks, gathered on rank 0): COCO box and mask
+AP by :func:`coco_evaluate`; predictions go to ``out_dir/predictions.json.gz``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+from mimlib.data.coco import CocoInstances, collate
+from mimlib.data.pretrain_data import accumulation_steps, stable_seed
+from mimlib.finetune.common import (
+    FinetuneJob,
+    ResumableState,
+    autocast,
+    build_optimizer,
+    job_logger,
+    set_lr,
+    write_metrics,
+)
+from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
+from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.pretrain import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "METRIC_NAMES",
+    "DetectionBatchSampler",
+    "build_model",
+    "check_recipe",
+    "coco_evaluate",
+    "detection_lr",
+    "outputs_to_coco",
+    "predict",
+    "run",
+]
+
+DEFAULT_RECIPE: dict[str, Any] = {
+    # Table 13
+    "img_size": 1024,  # training crop (large-scale jitter) and the size the encoder's windows are set up for
+    "window_size": 14,
+    "test_size": [800, 1333],  # short side, long-side cap
+    "epochs": 36,
+    "warmup_iters": 500,
+    "warmup_ratio": 0.001,  # warmup starts at lr * warmup_ratio (mmdetection's linear warmup)
+    "global_batch": 32,
+    "micro_batch": 2,
+    "lr": 8.0e-5,  # absolute peak lr at this global_batch (not rescaled with it)
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.999],
+    "eps": 1.0e-8,
+    "step_epochs": [27, 33],
+    "step_ratio": 0.1,
+    "drop_path": 0.1,
+    "hflip": 0.5,
+    "scale_jitter": [0.1, 2.0],
+    "layer_decay": 1.0,  # Table 13 lists none
+    "clip_grad": None,
+    # engine
+    "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU
+    "num_workers": 4,
+    "log_every": 50,
+    "checkpoint_every": 1000,
+    "threads": None,
+    "eval_batch": 2,
+    "eval_backend": "pycocotools",  # or "faster_coco_eval"
+    "fused_attention": True,
+    "grad_checkpointing": False,
+    "save_weights": False,  # also write out_dir/last.pt (model state dict)
+    "max_train_images": None,
+    "max_val_images": None,
+    # detector (reference Mask R-CNN sizes)
+    "fpn_channels": 256,
+    "representation_size": 1024,
+    "mask_head_channels": 256,
+    "mask_head_convs": 4,
+    "anchor_sizes": [32, 64, 128, 256, 512],
+    "rpn_batch_size_per_image": 256,
+    "rpn_pre_nms_top_n_train": 2000,
+    "rpn_post_nms_top_n_train": 1000,
+    "rpn_pre_nms_top_n_test": 1000,
+    "rpn_post_nms_top_n_test": 1000,
+    "box_batch_size_per_image": 512,
+    "box_detections_per_img": 100,
+    "box_score_thresh": 0.05,
+}
+
+METRIC_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+
+
+def check_recipe(recipe: Mapping[str, Any]) -> None:
+    """Raise ValueError on unknown keys or inconsistent values."""
+    unknown = sorted(set(recipe) - set(DEFAULT_RECIPE))
+    if unknown:
+        raise ValueError(f"unknown coco recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(DEFAULT_RECIPE))})")
+    r = {**DEFAULT_RECIPE, **recipe}
+    problems = []
+    if r["global_batch"] % r["micro_batch"]:
+        problems.append(f"global_batch {r['global_batch']} is not divisible by micro_batch {r['micro_batch']}")
+    if len(r["test_size"]) != 2 or r["test_size"][0] > r["test_size"][1]:
+        problems.append(f"test_size {r['test_size']} must be [short side, long-side cap]")
+    lo, hi = r["scale_jitter"]
+    if not 0 < lo <= hi:
+        problems.append(f"scale_jitter {r['scale_jitter']} must be 0 < low <= high")
+    if list(r["step_epochs"]) != sorted(r["step_epochs"]) or any(not 0 < e <= r["epochs"] for e in r["step_epochs"]):
+        problems.append(f"step_epochs {r['step_epochs']} must be increasing, within 1..epochs={r['epochs']}")
+    if r["img_size"] % 32:
+        problems.append(f"img_size {r['img_size']} is not a multiple of the stride 32")
+    if len(r["anchor_sizes"]) != 5:
+        problems.append(f"anchor_sizes {r['anchor_sizes']} needs 5 sizes (P2-P6)")
+    if r["eval_backend"] not in ("pycocotools", "faster_coco_eval"):
+        problems.append(f"eval_backend {r['eval_backend']!r} is not pycocotools or faster_coco_eval")
+    if r["checkpoint_every"] % r["log_every"]:
+        problems.append(f"checkpoint_every {r['checkpoint_every']} is not a multiple of log_every {r['log_every']}")
+    if problems:
+        raise ValueError("invalid coco recipe: " + "; ".join(problems))
+
+
+def detection_lr(iteration: int, recipe: Mapping[str, Any], epoch_iters: int) -> float:
+    """lr of the optimiser step of ``iteration`` (0-based): linear warmup, then steps."""
+    lr = recipe["lr"]
+    warm = recipe["warmup_iters"]
+    factor = 1.0
+    if iteration < warm:
+        ratio = recipe["warmup_ratio"]
+        factor = ratio + (1 - ratio) * iteration / warm
+    n_steps = sum(iteration >= e * epoch_iters for e in recipe["step_epochs"])
+    return lr * factor * recipe["step_ratio"] ** n_steps
+
+
+class DetectionBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's micro-batches of (dataset index, augmentation seed) for iterations [start, end).
+
+    Global slot s of iteration k is image ``perm_e[(k % epoch_iters) * B + s]`` (perm_e a
+    permutation seeded by (seed, epoch e)); micro-step a of rank r takes slots
+    [a*W*m + r*m, a*W*m + (r+1)*m).
+    """
+
+    def __init__(self, num_images: int, start: int, end: int, global_batch: int, micro_batch: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        if num_images < global_batch:
+            raise ValueError(f"{num_images} training images cannot fill a global batch of {global_batch}")
+        self.n, self.start, self.end = num_images, start, end
+        self.global_batch, self.micro = global_batch, micro_batch
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.accum = accumulation_steps(global_batch, micro_batch, world_size)
+        self.epoch_iters = num_images // global_batch
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng(stable_seed(self.seed, "coco-order", epoch))
+            self._perm = (epoch, rng.permutation(self.n))
+        return self._perm[1]
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0) * self.accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        w, m, b = self.world, self.micro, self.global_batch
+        for k in range(self.start, self.end):
+            perm = self.permutation(k // self.epoch_iters)
+            base = (k % self.epoch_iters) * b
+            for a in range(self.accum):
+                slots = range(a * w * m + self.rank * m, a * w * m + (self.rank + 1) * m)
+                yield [(int(perm[base + s]), stable_seed(self.seed, "coco-aug", k, s)) for s in slots]
+
+
+def build_model(job: FinetuneJob, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The job's Mask R-CNN (recipe defaults filled in), seeded by (seed, model)."""
+    r = {**DEFAULT_RECIPE, **job.recipe}
+    torch.manual_seed(stable_seed(job.seed, "init", job.model, "coco"))
+    return build_mask_rcnn(
+        job.model, job.checkpoint, num_classes,
+        img_size=r["img_size"], window_size=r["window_size"], drop_path=r["drop_path"],
+        min_size=r["test_size"][0], max_size=r["test_size"][1],
+        fpn_channels=r["fpn_channels"], representation_size=r["representation_size"],
+        mask_head_channels=r["mask_head_channels"], mask_head_convs=r["mask_head_convs"],
+        rpn_batch_size_per_image=r["rpn_batch_size_per_image"],
+        rpn_pre_nms_top_n_train=r["rpn_pre_nms_top_n_train"], rpn_post_nms_top_n_train=r["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=r["rpn_pre_nms_top_n_test"], rpn_post_nms_top_n_test=r["rpn_post_nms_top_n_test"],
+        box_batch_size_per_image=r["box_batch_size_per_image"], box_detections_per_img=r["box_detections_per_img"],
+        box_score_thresh=r["box_score_thresh"], anchor_sizes=r["anchor_sizes"],
+        fused_attention=r["fused_attention"], grad_checkpointing=r["grad_checkpointing"],
+        trust_pickle=job.trust_pickle,
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def outputs_to_coco(outputs: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int],
+                    label_to_cat: Mapping[int, int], mask_threshold: float = 0.5) -> list[dict[str, Any]]:
+    """torchvision detector outputs (original image size) -> COCO result dicts.
+
+    ``bbox`` is [x, y, w, h]; ``segmentation`` a compressed RLE with ``counts`` as str.
+    """
+    from pycocotools import mask as mask_utils
+
+    results = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].float().cpu()
+        if boxes.numel() == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+        scores = out["scores"].float().cpu().tolist()
+        labels = out["labels"].cpu().tolist()
+        rles = None
+        if "masks" in out:
+            binary = (out["masks"][:, 0] > mask_threshold).to(torch.uint8).cpu().numpy()
+            rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            det = {"image_id": int(image_id), "category_id": int(label_to_cat[int(label)]),
+                   "bbox": [round(float(v), 3) for v in box], "score": round(float(score), 5)}
+            if rles is not None:
+                rle = rles[i]
+                det["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            results.append(det)
+    return results
+
+
+def _coco_api(backend: str):
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
+def coco_evaluate(gt_json: str | Path | Mapping[str, Any], predictions: Sequence[Mapping[str, Any]],
+                  backend: str = "pycocotools", iou_types: Sequence[str] = ("bbox", "segm"),
+                  image_ids: Sequence[int] | None = None) -> dict[str, float | None]:
+    """COCO AP of ``predictions`` (COCO result dicts) against the ground-truth json.
+
+    Returns ``box_ap, box_ap50, box_ap75, box_aps, box_apm, box_apl`` and the same with
+    ``mask_`` in percent (COCOeval's stats x 100); None where the ground truth has no object
+    of that size range (COCOeval's -1). Mask AP uses the mask area for the size ranges (the
+    box is dropped from the segm results, as detectron2 does). Images without predictions
+    count as misses; no predictions at all gives 0. ``image_ids`` restricts the evaluation to
+    those images (e.g. a ``max_val_images`` subset); default all images of the json.
+    """
+    COCO, COCOeval = _coco_api(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if isinstance(gt_json, Mapping):
+            gt = COCO()
+            gt.dataset = json.loads(json.dumps(gt_json))
+            gt.createIndex()
+        else:
+            gt = COCO(str(gt_json))
+    metrics: dict[str, float | None] = {}
+    for iou_type in iou_types:
+        prefix = "box" if iou_type == "bbox" else "mask"
+        if iou_type == "bbox":
+            dets = [{k: v for k, v in p.items() if k != "segmentation"} for p in predictions]
+        else:
+            dets = [{k: v for k, v in p.items() if k != "bbox"} for p in predictions if "segmentation" in p]
+        if not dets:
+            metrics.update({f"{prefix}_{n}": v for n, v in _empty_stats(gt, image_ids).items()})
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes([dict(d) for d in dets])
+            ev = COCOeval(gt, dt, iou_type)
+            if image_ids is not None:
+                ev.params.imgIds = sorted(int(i) for i in image_ids)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        stats = [float(s) for s in ev.stats[:6]]
+        for name, value in zip(METRIC_NAMES, stats):
+            metrics[f"{prefix}_{name}"] = None if value < 0 else 100.0 * value
+    return metrics
+
+
+def _empty_stats(gt: Any, image_ids: Sequence[int] | None = None) -> dict[str, float | None]:
+    """What COCOeval reports for no detections: 0, or None for a size range without objects."""
+    keep = None if image_ids is None else {int(i) for i in image_ids}
+    areas = [a["area"] for a in gt.dataset.get("annotations", [])
+             if not a.get("iscrowd", 0) and (keep is None or a["image_id"] in keep)]
+    present = {"aps": any(a < 32**2 for a in areas), "apm": any(32**2 <= a < 96**2 for a in areas),
+               "apl": any(a >= 96**2 for a in areas)}
+    return {n: (0.0 if present.get(n, bool(areas)) else None) for n in METRIC_NAMES}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: CocoInstances, recipe: Mapping[str, Any], info: DistInfo,
+            num_workers: int = 0) -> list[dict[str, Any]]:
+    """COCO results of this rank's shard of ``dataset`` (every ``world_size``-th image)."""
+    was_training = model.training
+    model.eval()
+    shard = list(range(info.rank, len(dataset), info.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=recipe["eval_batch"],
+                        num_workers=num_workers, collate_fn=collate)
+    results: list[dict[str, Any]] = []
+    for images, targets in loader:
+        images = [im.to(info.device, non_blocking=True).float().div_(255) for im in images]
+        with autocast(recipe, info.device):
+            outputs = model(images)
+        ids = [int(t["image_id"]) for t in targets]
+        results += outputs_to_coco(outputs, ids, dataset.label_to_cat)
+    model.train(was_training)
+    return results
+
+
+def _gather(results: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
+    if not info.distributed:
+        return results
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, results)
+    return [r for part in parts for r in part] if info.is_main else []
+
+
+def _broadcast(obj: Any, info: DistInfo) -> Any:
+    if not info.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_predictions(results: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with gzip.open(tmp, "wt") as f:
+        json.dump(results, f)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device):
+    images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune Mask R-CNN on COCO (or its demo) and evaluate; returns the metrics record."""
+    started = time.time()
+    check_recipe(job.recipe)
+    r = {**DEFAULT_RECIPE, **job.recipe}
+    info = init_distributed(job.device)
+    if r["threads"]:
+        torch.set_num_threads(int(r["threads"]))
+    data = job.data
+    train_set = CocoInstances(data["train_images"], data["train_json"], train=True, crop_size=r["img_size"],
+                              scale_range=r["scale_jitter"], hflip=r["hflip"], max_images=r["max_train_images"])
+    val_set = CocoInstances(data["val_images"], data["val_json"], train=False, with_masks=False,
+                            max_images=r["max_val_images"])
+    if val_set.cat_ids != train_set.cat_ids:
+        raise ValueError(f"train and val categories differ: {train_set.cat_ids} vs {val_set.cat_ids}")
+
+    model, load_info = build_model(job, train_set.num_classes)
+    model.to(info.device)
+    optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
+    state = ResumableState(job, info)
+    start, _ = state.load(model, optimizer)
+
+    epoch_iters = len(train_set) // r["global_batch"]
+    total = r["epochs"] * epoch_iters
+    sampler = DetectionBatchSampler(len(train_set), start, max(total, start), r["global_batch"], r["micro_batch"],
+                                    job.seed, info.rank, info.world_size)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate,
+                        pin_memory=info.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=2 if r["num_workers"] > 0 else None)
+    logger = job_logger(job, info, start, key="iter")
+    if info.is_main:
+        log.info("coco %s: iterations %d -> %d (%d per epoch), encoder %s", job.model, start, total, epoch_iters,
+                 load_info.get("format"))
+    ddp_model: torch.nn.Module = model
+    if info.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+    accum = sampler.accum
+    sums: dict[str, float] = {}
+    interval_iters, interval_t0 = 0, time.perf_counter()
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"coco {job.model}", unit="it", dynamic_ncols=True)
+    model.train()
+    batches = iter(loader)
+    for k in range(start, total):
+        lr = detection_lr(k, r, epoch_iters)
+        set_lr(optimizer, lr)
+        torch.manual_seed(stable_seed(job.seed, "coco-step", k, info.rank))
+        parts = torch.zeros(6, dtype=torch.float64, device=info.device)
+        for a in range(accum):
+            images, targets = _to_device(*next(batches), info.device)
+            sync = a == accum - 1 or not info.distributed
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
+                losses = ddp_model(images, targets)
+            loss = sum(losses.values())
+            (loss / accum).backward()
+            parts[0] += loss.detach().double() / accum
+            for i, name in enumerate(_LOSS_NAMES):
+                parts[i + 1] += losses[name].detach().double() / accum
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
+        reduced = all_reduce_sum(parts, info) / info.world_size
+        if not torch.isfinite(reduced[0]) or not torch.isfinite(gnorm):
+            raise NonFiniteLossError(
+                f"coco {job.model}: loss {float(reduced[0])} / grad norm {float(gnorm)} at iteration {k}; "
+                f"the last good state is kept in {job.resume_dir}"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = k + 1
+        for i, name in enumerate(("loss",) + _LOSS_NAMES):
+            sums[name] = sums.get(name, 0.0) + float(reduced[i])
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm)
+        interval_iters += 1
+        if done % r["log_every"] == 0 or done == total:
+            elapsed = time.perf_counter() - interval_t0
+            record = {"iter": done, "epoch": done / epoch_iters, "lr": lr,
+                      **{n: v / interval_iters for n, v in sums.items()},
+                      "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)}
+            logger.log(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+            sums.clear()
+            interval_iters, interval_t0 = 0, time.perf_counter()
+        if done % r["checkpoint_every"] == 0 or done == total:
+            # also at the end: a job that fails in evaluation resumes straight to it
+            state.save(done, model, optimizer, {})
+            barrier(info)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    del batches, loader
+
+    t_eval = time.perf_counter()
+    results = _gather(predict(model, val_set, r, info, num_workers=min(r["num_workers"], 2)), info)
+    metrics: dict[str, Any] | None = None
+    if info.is_main:
+        _write_predictions(results, Path(job.out_dir) / "predictions.json.gz")
+        metrics = coco_evaluate(data["val_json"], results, backend=r["eval_backend"],
+                                image_ids=val_set.ids if r["max_val_images"] is not None else None)
+        if r["save_weights"]:
+            from mimlib.train import checkpoint as ckpt
+
+            ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": job.task,
+                              "label_to_cat": val_set.label_to_cat}, Path(job.out_dir) / "last.pt")
+    metrics = _broadcast(metrics, info)
+    eval_s = time.perf_counter() - t_eval
+    logger.log({"iter": total, "eval_s": eval_s, **metrics})
+    record = write_metrics(
+        job, info, metrics, started,
+        iterations=total, epoch_iters=epoch_iters, train_images=len(train_set), val_images=len(val_set),
+        num_predictions=len(results) if info.is_main else None, eval_s=eval_s, encoder=load_info,
+    )
+    state.finish()
+    barrier(info)
+    return record
+
+
+_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")

@@ -1,0 +1,416 @@
+"""ADE20K semantic segmentation fine-tuning (paper section 2.5, Table 14): UPerNet on SwinV2.
+
+One job = one pre-trained cell (or scratch) fine-tuned for ``iters`` iterations, then
+evaluated on the validation split with sliding windows; ``out_dir/metrics.json`` gets
+``{"miou", "acc"}`` (fractions in [0, 1], not percent) plus the per-class IoU.
+
+Recipe (:data:`DEFAULT_RECIPE`, Table 14 / mmseg's UPerNet-Swin ADE20K config at 640):
+
+* crop 640, window 20 (every stage of a 640 crop tiles with 20), 80K iterations, global
+  batch 32 (``micro_batch`` per process, gradient accumulation fills the rest: the global
+  batch does not depend on the GPU count);
+* AdamW, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (none on norms, biases and the
+  SwinV2 position / scale parameters), layer decay 0.95 (S, B; 0.9 for L through the
+  config's per-model overrides) with the reference layer ids (the heads at scale 1);
+* ``lr`` is absolute -- the paper searched [1e-4, 3e-4] at batch 32 -- and is *not* rescaled
+  when ``global_batch`` changes;
+* schedule = mmcv's ``poly`` (power 1.0, min_lr 0: linear to 0 at ``iters``) with a linear
+  warmup over ``warmup_iters`` (750) from ``warmup_ratio`` (1e-6) of it, per iteration:
+  ``lr_k = lr * (1 - k/iters)`` and during warmup ``lr_k * (1 - (1 - k/warmup) * (1 - ratio))``;
+* loss: cross entropy over non-ignored pixels (label 255), averaged per micro-batch over
+  its labelled pixels (mmseg's ``avg_non_ignore=True``; older mmseg divided by all pixels,
+  a constant factor AdamW barely sees), plus 0.4 x the auxiliary FCN head's;
+* augmentation and evaluation: :mod:`mimlib.data.ade20k` (rescale [0.5, 2] of (2560, 640),
+  crop with cat_max_ratio 0.75, flip, photometric distortion; test at short side 640 with
+  640 windows, stride 426, logits averaged over overlaps).
+
+Everything random at iteration k (which images, their augmentation, drop path, dropout) is
+a pure function of (seed, k), so a killed job resumed from its rolling checkpoint
+(``job.resume_dir``) continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mimlib.data.ade20k import IGNORE_INDEX, ADE20KTrain, ADE20KVal, _first, collate_train
+from mimlib.data.pretrain_data import GlobalBatchSampler, stable_seed
+from mimlib.finetune.common import (
+    FinetuneJob,
+    ResumableState,
+    autocast,
+    build_optimizer,
+    job_logger,
+    set_lr,
+    write_metrics,
+)
+from mimlib.models.attention import use_fused_attention
+from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
+from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.pretrain import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TASK",
+    "DEFAULT_RECIPE",
+    "check_recipe",
+    "lr_at",
+    "seg_loss",
+    "slide_inference",
+    "ConfusionMatrix",
+    "miou_from_confusion",
+    "evaluate",
+    "build_model",
+    "full_recipe",
+    "run",
+]
+
+TASK = "ade20k"
+
+DEFAULT_RECIPE: dict[str, Any] = {
+    "num_classes": 150,  # ADE20K's 150 (labels 1..150, 0 = other -> ignored)
+    # --- input (Table 14) ---
+    "crop_size": 640,
+    "window_size": 20,
+    "scale": [2560, 640],  # base (long, short) of the training rescale (mmseg img_scale)
+    "ratio_range": [0.5, 2.0],  # scale jittering
+    "cat_max_ratio": 0.75,  # mmseg RandomCrop: re-draw crops dominated by one class
+    "hflip": 0.5,
+    "photometric": True,  # mmseg PhotoMetricDistortion
+    "test_short_side": 640,  # test size (2560, 640): short side 640, long side at most 2560
+    "test_long_side": 2560,
+    "slide_crop": 640,  # sliding-window size; must equal crop_size (the model's input size)
+    "slide_stride": 426,
+    # --- optimisation (Table 14) ---
+    "iters": 80000,
+    "warmup_iters": 750,
+    "warmup_ratio": 1.0e-6,
+    "lr": 1.0e-4,  # absolute at global batch 32; the paper searched [1e-4, 3e-4]
+    "min_lr": 0.0,
+    "lr_power": 1.0,  # poly power 1.0 = linear
+    "layer_decay": 0.95,  # S/B; 0.9 for L (config per_model)
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.999],
+    "eps": 1.0e-8,
+    "clip_grad": None,  # mmseg's Swin configs do not clip
+    "global_batch": 32,
+    "micro_batch": 4,
+    "drop_path": 0.1,
+    # --- UPerNet (mmseg UPerHead + FCNHead) ---
+    "channels": 512,
+    "aux_channels": 256,
+    "aux_weight": 0.4,
+    "dropout": 0.1,
+    "sync_bn": True,  # SyncBatchNorm in the heads under DDP (mmseg); no effect in one process
+    # --- engineering ---
+    "fused_attention": True,  # window attention through SDPA (mimlib.models.attention)
+    "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU
+    "num_workers": 4,
+    "log_every": 50,  # iterations
+    "eval_every": 8000,  # iterations between validation runs; 0/None = only the final one
+    "checkpoint_every": 1000,  # rolling resume state, iterations
+    "eval_max_images": None,  # first N validation images (sorted); None = all 2000
+    "train_max_images": None,  # first N training images (sorted); None = all 20210
+    "save_model": False,  # also write out_dir/last.pt (model weights) at the end
+    "threads": None,  # torch.set_num_threads; None leaves torch's default
+}
+
+
+def check_recipe(recipe: dict[str, Any]) -> None:
+    """Raise ValueError on unknown keys and on settings that cannot work."""
+    unknown = sorted(set(recipe) - set(DEFAULT_RECIPE))
+    if unknown:
+        raise ValueError(f"unknown ade20k recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(DEFAULT_RECIPE))})")
+    r = {**DEFAULT_RECIPE, **recipe}
+    crop, window = int(r["crop_size"]), int(r["window_size"])
+    if crop % 32:
+        raise ValueError(f"crop_size {crop} is not a multiple of 32 (patch 4, four stages)")
+    for i in range(4):
+        res = crop // 4 // 2**i
+        if res % min(window, res):
+            raise ValueError(f"window_size {window} does not tile stage {i} ({res}x{res} tokens) of a {crop} crop")
+    if int(r["slide_crop"]) != crop:
+        raise ValueError(f"slide_crop {r['slide_crop']} must equal crop_size {crop} (the model's fixed input size)")
+    if not 0 < int(r["slide_stride"]) <= crop:
+        raise ValueError(f"slide_stride {r['slide_stride']} must be in (0, crop_size]")
+    if r["global_batch"] % r["micro_batch"]:
+        raise ValueError(f"global_batch {r['global_batch']} is not a multiple of micro_batch {r['micro_batch']}")
+    lo, hi = r["ratio_range"]
+    if not 0 < lo <= hi:
+        raise ValueError(f"ratio_range {r['ratio_range']} must satisfy 0 < low <= high")
+    if not 1 <= int(r["num_classes"]) <= 255:
+        raise ValueError(f"num_classes {r['num_classes']} must be in [1, 255] (255 is the ignore label)")
+    if r["iters"] < 1 or r["warmup_iters"] < 0:
+        raise ValueError("iters must be >= 1 and warmup_iters >= 0")
+    if r["aux_weight"] and not r["aux_channels"]:
+        raise ValueError("aux_weight > 0 needs aux_channels")
+
+
+def lr_at(k: int, recipe: dict[str, Any]) -> float:
+    """mmcv's poly schedule with linear warmup, for iteration ``k`` (0-based)."""
+    base, min_lr, total = recipe["lr"], recipe.get("min_lr", 0.0), recipe["iters"]
+    lr = (base - min_lr) * (1 - k / total) ** recipe.get("lr_power", 1.0) + min_lr
+    warm = recipe.get("warmup_iters", 0)
+    if k < warm:
+        lr *= 1 - (1 - k / warm) * (1 - recipe.get("warmup_ratio", 1e-6))
+    return lr
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pixel cross entropy averaged over labelled pixels (0, not NaN, when none is labelled)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / labels.ne(ignore_index).sum().clamp_min(1)
+
+
+@torch.no_grad()
+def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int, stride: int,
+                    batch_size: int = 1, return_count: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, C, H, W) of ``image`` (N, 3, H, W) from overlapping ``crop`` windows.
+
+    Windows as mmseg's ``slide_inference``: ``max(H - crop + stride - 1, 0) // stride + 1``
+    rows (columns likewise) at ``i * stride``, the last ones pushed back inside the image, so
+    every pixel is covered; each pixel's logits are the mean over the windows covering it.
+    A window smaller than ``crop`` (image smaller than the crop) is zero-padded at the
+    bottom/right -- zero is the mean colour after normalisation -- and the padding's logits
+    are dropped. ``batch_size`` windows go through the model at once. With ``return_count``
+    also the (H, W) number of windows covering each pixel.
+    """
+    if image.dim() == 3:
+        image = image[None]
+    n, _, h, w = image.shape
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for i in range(rows):
+        for j in range(cols):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    preds = image.new_zeros((n, num_classes, h, w), dtype=torch.float32)
+    count = image.new_zeros((h, w), dtype=torch.float32)
+    for start in range(0, len(boxes), max(1, batch_size)):
+        chunk = boxes[start:start + max(1, batch_size)]
+        windows = []
+        for y1, y2, x1, x2 in chunk:
+            win = image[:, :, y1:y2, x1:x2]
+            if win.shape[-2:] != (crop, crop):
+                win = F.pad(win, (0, crop - win.shape[-1], 0, crop - win.shape[-2]))
+            windows.append(win)
+        out = model(torch.cat(windows)).float()
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        for b, (y1, y2, x1, x2) in enumerate(chunk):
+            preds[:, :, y1:y2, x1:x2] += out[b * n:(b + 1) * n, :, : y2 - y1, : x2 - x1]
+            count[y1:y2, x1:x2] += 1
+    if bool((count == 0).any()):  # cannot happen with the window layout above
+        raise AssertionError("sliding windows left pixels uncovered")
+    preds /= count
+    return (preds, count) if return_count else preds
+
+
+class ConfusionMatrix:
+    """Dataset-wide (num_classes x num_classes) counts, rows = ground truth, columns = prediction."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str = "cpu"):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target != self.ignore_index
+        t, p = target[keep].long(), pred[keep].long().to(target.device)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
+            raise ValueError(
+                f"label {int(t.max())} outside 0..{self.num_classes - 1} (and not {self.ignore_index}): "
+                "is num_classes right, and the labels reduced (reduce_zero_label)?"
+            )
+        c = self.num_classes
+        self.mat += torch.bincount(t * c + p, minlength=c * c).view(c, c).to(self.mat.device)
+
+
+def miou_from_confusion(conf: torch.Tensor) -> dict[str, Any]:
+    """mIoU (nanmean over classes of I/U; classes absent from labels and predictions are NaN
+    and skipped), pixel accuracy, and the per-class IoU (NaN where undefined)."""
+    conf = torch.as_tensor(conf).double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+    total = conf.sum()
+    return {
+        "miou": float(iou.nanmean()) if bool((union > 0).any()) else math.nan,
+        "acc": float(tp.sum() / total) if total > 0 else math.nan,
+        "per_class_iou": [float(x) for x in iou],
+    }
+
+
+def _json_floats(values: Iterable[float]) -> list[float | None]:
+    return [None if math.isnan(v) else round(v, 6) for v in values]
+
+
+@torch.no_grad()
+def evaluate(model: SegmentationModel, root: str | Path, recipe: dict[str, Any], info: DistInfo,
+             num_workers: int = 0) -> dict[str, Any]:
+    """Sliding-window evaluation over the (rank-sharded) validation split, at original resolution."""
+    dataset = ADE20KVal(root, recipe, max_images=recipe.get("eval_max_images"))
+    shard = torch.utils.data.Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
+    loader = DataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
+    was_training = model.training
+    model.eval()
+    conf = ConfusionMatrix(recipe["num_classes"], device=info.device)
+    for item in loader:
+        image = item["image"].to(info.device, non_blocking=True)
+        label = item["label"].to(info.device, non_blocking=True)
+        with autocast(recipe, info.device):
+            logits = slide_inference(model, image, recipe["num_classes"], recipe["slide_crop"],
+                                     recipe["slide_stride"], batch_size=recipe["micro_batch"])
+        conf.update(resize(logits, label.shape).argmax(1)[0], label)
+    all_reduce_sum(conf.mat, info)
+    model.train(was_training)
+    return {**miou_from_confusion(conf.mat), "images": len(dataset)}
+
+
+def full_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` over :data:`DEFAULT_RECIPE` (the config normally passes a complete one)."""
+    return {**DEFAULT_RECIPE, **recipe}
+
+
+def build_model(job: FinetuneJob) -> tuple[SegmentationModel, dict[str, Any]]:
+    r = full_recipe(job.recipe)
+    torch.manual_seed(stable_seed(job.seed, "init", job.task, job.model))  # same heads on every rank
+    model, info = build_upernet(
+        job.model, job.checkpoint, r["num_classes"], img_size=r["crop_size"], window_size=r["window_size"],
+        drop_path=r["drop_path"], channels=r["channels"],
+        aux_channels=r["aux_channels"] if r["aux_weight"] else None, dropout=r["dropout"],
+        trust_pickle=job.trust_pickle,
+    )
+    if r.get("fused_attention", True):
+        use_fused_attention(model)
+    return model, info
+
+
+def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune, evaluate, write ``out_dir/metrics.json`` (and the log); return the record."""
+    started = time.time()
+    check_recipe(job.recipe)
+    r = full_recipe(job.recipe)
+    info = init_distributed(job.device)
+    if r.get("threads"):
+        torch.set_num_threads(int(r["threads"]))
+    root = Path(job.data["root"])
+    model, load_info = build_model(job)
+    if info.distributed and r.get("sync_bn"):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(info.device)
+    optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
+    state = ResumableState(job, info)
+    start, _ = state.load(model, optimizer)
+    logger = job_logger(job, info, start, key="iter")
+    if info.is_main:
+        log.info("%s %s: iterations %d -> %d (encoder: %s)", TASK, job.model, start, r["iters"], load_info["format"])
+
+    dataset = ADE20KTrain(root, r, job.seed, max_images=r.get("train_max_images"))
+    sampler = GlobalBatchSampler(start, r["iters"], r["global_batch"], r["micro_batch"], info.rank, info.world_size)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate_train,
+        pin_memory=info.device.type == "cuda", prefetch_factor=4 if r["num_workers"] > 0 else None,
+    )
+    ddp_model: nn.Module = model
+    if info.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    accum = sampler.accum
+    aux_weight = float(r["aux_weight"] or 0.0)
+    eval_every = int(r.get("eval_every") or 0)
+    last_eval: dict[str, Any] | None = None
+
+    def run_eval(done: int) -> dict[str, Any]:
+        result = evaluate(model, root, r, info, num_workers=min(int(r["num_workers"]), 2))
+        logger.log({"iter": done, "val_miou": result["miou"], "val_acc": result["acc"]})
+        return result
+
+    interval = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, aux loss, grad norm
+    interval_iters, t0 = 0, time.perf_counter()
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=r["iters"], initial=start, desc=f"{TASK} {job.model}", unit="it", dynamic_ncols=True)
+    model.train()
+    batches = iter(loader)
+    for k in range(start, r["iters"]):
+        lr = lr_at(k, r)
+        set_lr(optimizer, lr)
+        # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
+        torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
+        step = torch.zeros(2, dtype=torch.float64, device=info.device)
+        for a in range(accum):
+            batch = next(batches)
+            images = batch["image"].to(info.device, non_blocking=True)
+            labels = batch["label"].to(info.device, non_blocking=True)
+            sync = a == accum - 1 or not info.distributed
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
+                out = ddp_model(images)
+                logits, aux = (out if isinstance(out, tuple) else (out, None))
+                main = seg_loss(logits, labels)
+                aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=info.device)
+                loss = main + aux_weight * aux_loss
+            (loss / accum).backward()
+            step[0] += main.detach().double() / accum
+            step[1] += aux_loss.detach().double() / accum
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
+        reduced = all_reduce_sum(step.clone(), info) / info.world_size
+        if not bool(torch.isfinite(reduced).all()) or not bool(torch.isfinite(gnorm)):
+            raise NonFiniteLossError(
+                f"{TASK} {job.model}: loss {reduced.tolist()} / grad norm {float(gnorm)} at iteration {k}; "
+                f"the last good state is kept in {job.resume_dir}"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = k + 1
+        interval[:2] += reduced
+        interval[2] += gnorm.double()
+        interval_iters += 1
+        if done % r["log_every"] == 0 or done == r["iters"]:
+            elapsed = time.perf_counter() - t0
+            vals = (interval / interval_iters).tolist()
+            logger.log({"iter": done, "loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[2], "lr": lr,
+                        "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}")
+            interval.zero_()
+            interval_iters, t0 = 0, time.perf_counter()
+        if eval_every and done % eval_every == 0 and done < r["iters"]:
+            last_eval = run_eval(done)
+        if r["checkpoint_every"] and done % r["checkpoint_every"] == 0 and done < r["iters"]:
+            state.save(done, model, optimizer, {})
+            barrier(info)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    last_eval = run_eval(r["iters"])
+    metrics = {"miou": last_eval["miou"], "acc": last_eval["acc"]}
+    record = write_metrics(
+        job, info, metrics, started,
+        per_class_iou=_json_floats(last_eval["per_class_iou"]),
+        eval_images=last_eval["images"],
+        iterations=r["iters"],
+        encoder=load_info,
+    )
+    if info.is_main and r.get("save_model"):
+        from mimlib.train import checkpoint as ckpt
+
+        ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
+                          "recipe": job.recipe}, Path(job.out_dir) / "last.pt")
+    state.finish()
+    barrier(info)
+    return record

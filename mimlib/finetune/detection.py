@@ -60,6 +60,7 @@ from mimlib.finetune.common import (
     set_lr,
     write_metrics,
 )
+from mimlib.finetune.recipes import DETECTION
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.pretrain import NonFiniteLossError
@@ -79,55 +80,7 @@ __all__ = [
     "run",
 ]
 
-DEFAULT_RECIPE: dict[str, Any] = {
-    # Table 13
-    "img_size": 1024,  # training crop (large-scale jitter) and the size the encoder's windows are set up for
-    "window_size": 14,
-    "test_size": [800, 1333],  # short side, long-side cap
-    "epochs": 36,
-    "warmup_iters": 500,
-    "warmup_ratio": 0.001,  # warmup starts at lr * warmup_ratio (mmdetection's linear warmup)
-    "global_batch": 32,
-    "micro_batch": 2,
-    "lr": 8.0e-5,  # absolute peak lr at this global_batch (not rescaled with it)
-    "weight_decay": 0.05,
-    "betas": [0.9, 0.999],
-    "eps": 1.0e-8,
-    "step_epochs": [27, 33],
-    "step_ratio": 0.1,
-    "drop_path": 0.1,
-    "hflip": 0.5,
-    "scale_jitter": [0.1, 2.0],
-    "layer_decay": 1.0,  # Table 13 lists none
-    "clip_grad": None,
-    # engine
-    "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU
-    "num_workers": 4,
-    "log_every": 50,
-    "checkpoint_every": 1000,
-    "threads": None,
-    "eval_batch": 2,
-    "eval_backend": "pycocotools",  # or "faster_coco_eval"
-    "fused_attention": True,
-    "grad_checkpointing": False,
-    "save_weights": False,  # also write out_dir/last.pt (model state dict)
-    "max_train_images": None,
-    "max_val_images": None,
-    # detector (reference Mask R-CNN sizes)
-    "fpn_channels": 256,
-    "representation_size": 1024,
-    "mask_head_channels": 256,
-    "mask_head_convs": 4,
-    "anchor_sizes": [32, 64, 128, 256, 512],
-    "rpn_batch_size_per_image": 256,
-    "rpn_pre_nms_top_n_train": 2000,
-    "rpn_post_nms_top_n_train": 1000,
-    "rpn_pre_nms_top_n_test": 1000,
-    "rpn_post_nms_top_n_test": 1000,
-    "box_batch_size_per_image": 512,
-    "box_detections_per_img": 100,
-    "box_score_thresh": 0.05,
-}
+DEFAULT_RECIPE: dict[str, Any] = DETECTION
 
 METRIC_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 

@@ -50,6 +50,7 @@ __all__ = [
     "SwinV2Features",
     "SwinV2FPN",
     "build_mask_rcnn",
+    "detection_param_summary",
 ]
 
 ENCODER_PREFIX = "backbone.body.encoder."

@@ -134,7 +134,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
 
 
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
-    from mimlib.finetune import DEMO_GENERATORS, engine
+    from mimlib.finetune import DEMO_GENERATORS, default_recipe
 
     problems: list[str] = []
     ft = cfg["finetune"]
@@ -161,10 +161,7 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
         for model in ft[task].get("per_model", {}):
             if model not in cfg["models"]:
                 problems.append(f"{key}.per_model.{model}: not one of the study's models")
-        try:
-            known = set(engine(task).DEFAULT_RECIPE)
-        except ImportError:  # engine not installed / written yet
-            continue
+        known = set(default_recipe(task))
         overrides = [("recipe", ft[task].get("recipe", {}))]
         overrides += [(f"per_model.{m}", o) for m, o in ft[task].get("per_model", {}).items()]
         for where, values in overrides:
@@ -175,10 +172,10 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
 
 def finetune_recipe(cfg: Mapping[str, Any], task: str, model: str) -> dict[str, Any]:
     """A task's recipe for one model: engine defaults <- config recipe <- per-model overrides."""
-    from mimlib.finetune import engine
+    from mimlib.finetune import default_recipe
 
     section = cfg["finetune"][task]
-    recipe = dict(engine(task).DEFAULT_RECIPE)
+    recipe = default_recipe(task)
     recipe.update(section.get("recipe", {}))
     recipe.update(section.get("per_model", {}).get(model, {}))
     return recipe

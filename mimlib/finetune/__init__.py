@@ -17,6 +17,14 @@ TASK_ENGINES: dict[str, str] = {
     "ade20k": "mimlib.finetune.segmentation",
 }
 
+# task -> its default recipe in mimlib.finetune.recipes (torch-free)
+TASK_RECIPES: dict[str, str] = {
+    "in1k": "CLASSIFICATION",
+    "inat18": "CLASSIFICATION",
+    "coco": "DETECTION",
+    "ade20k": "SEGMENTATION",
+}
+
 # task -> (module, writer function, spec dataclass) of its demo-data generator
 DEMO_GENERATORS: dict[str, tuple[str, str, str]] = {
     "inat18": ("mimlib.data.demo_inat", "write_inat_demo", "InatDemoSpec"),
@@ -31,6 +39,12 @@ MAIN_METRICS: dict[str, tuple[str, ...]] = {
     "coco": ("box_ap", "mask_ap"),
     "ade20k": ("miou", "acc"),
 }
+
+
+def default_recipe(task: str) -> dict:
+    from mimlib.finetune import recipes
+
+    return dict(getattr(recipes, TASK_RECIPES[task]))
 
 
 def engine(task: str) -> ModuleType:

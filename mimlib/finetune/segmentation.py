@@ -56,6 +56,7 @@ from mimlib.finetune.common import (
     write_metrics,
 )
 from mimlib.models.attention import use_fused_attention
+from mimlib.finetune.recipes import SEGMENTATION
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.pretrain import NonFiniteLossError
@@ -79,53 +80,7 @@ __all__ = [
 
 TASK = "ade20k"
 
-DEFAULT_RECIPE: dict[str, Any] = {
-    "num_classes": 150,  # ADE20K's 150 (labels 1..150, 0 = other -> ignored)
-    # --- input (Table 14) ---
-    "crop_size": 640,
-    "window_size": 20,
-    "scale": [2560, 640],  # base (long, short) of the training rescale (mmseg img_scale)
-    "ratio_range": [0.5, 2.0],  # scale jittering
-    "cat_max_ratio": 0.75,  # mmseg RandomCrop: re-draw crops dominated by one class
-    "hflip": 0.5,
-    "photometric": True,  # mmseg PhotoMetricDistortion
-    "test_short_side": 640,  # test size (2560, 640): short side 640, long side at most 2560
-    "test_long_side": 2560,
-    "slide_crop": 640,  # sliding-window size; must equal crop_size (the model's input size)
-    "slide_stride": 426,
-    # --- optimisation (Table 14) ---
-    "iters": 80000,
-    "warmup_iters": 750,
-    "warmup_ratio": 1.0e-6,
-    "lr": 1.0e-4,  # absolute at global batch 32; the paper searched [1e-4, 3e-4]
-    "min_lr": 0.0,
-    "lr_power": 1.0,  # poly power 1.0 = linear
-    "layer_decay": 0.95,  # S/B; 0.9 for L (config per_model)
-    "weight_decay": 0.05,
-    "betas": [0.9, 0.999],
-    "eps": 1.0e-8,
-    "clip_grad": None,  # mmseg's Swin configs do not clip
-    "global_batch": 32,
-    "micro_batch": 4,
-    "drop_path": 0.1,
-    # --- UPerNet (mmseg UPerHead + FCNHead) ---
-    "channels": 512,
-    "aux_channels": 256,
-    "aux_weight": 0.4,
-    "dropout": 0.1,
-    "sync_bn": True,  # SyncBatchNorm in the heads under DDP (mmseg); no effect in one process
-    # --- engineering ---
-    "fused_attention": True,  # window attention through SDPA (mimlib.models.attention)
-    "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU
-    "num_workers": 4,
-    "log_every": 50,  # iterations
-    "eval_every": 8000,  # iterations between validation runs; 0/None = only the final one
-    "checkpoint_every": 1000,  # rolling resume state, iterations
-    "eval_max_images": None,  # first N validation images (sorted); None = all 2000
-    "train_max_images": None,  # first N training images (sorted); None = all 20210
-    "save_model": False,  # also write out_dir/last.pt (model weights) at the end
-    "threads": None,  # torch.set_num_threads; None leaves torch's default
-}
+DEFAULT_RECIPE: dict[str, Any] = SEGMENTATION
 
 
 def check_recipe(recipe: dict[str, Any]) -> None:

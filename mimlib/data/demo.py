@@ -304,7 +304,15 @@ def write_classification_demo(
         "counts": counts,
         "classes": [class_name(c) for c in range(spec.num_classes)],
     }
-    (tmp / "demo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    publish_dataset(tmp, out, info)
+    return counts
+
+
+def publish_dataset(tmp: Path, out: Path, info: dict[str, Any] | None = None) -> None:
+    """Move the finished ``tmp`` folder to ``out`` atomically, replacing an old set only once
+    the new one is complete; ``info`` (if any) is written to ``demo.json`` first."""
+    if info is not None:
+        (tmp / "demo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     if out.exists():
         old = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -312,4 +320,3 @@ def write_classification_demo(
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-    return counts

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimlib.data.demo import GENERATOR_VERSION, _rng, class_style, render_scene
+from mimlib.data.demo import GENERATOR_VERSION, _rng, class_style, publish_dataset, render_scene
 
 __all__ = ["Ade20kDemoSpec", "write_ade20k_demo", "render_ade20k_sample"]
 
@@ -113,12 +113,5 @@ def write_ade20k_demo(out: str | os.PathLike[str], spec: Ade20kDemoSpec = Ade20k
         "counts": counts,
         "labels": {"0": "other (ignored)", **{str(c + 1): f"class {c}" for c in range(K)}},
     }
-    (tmp / "demo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    publish_dataset(tmp, out, info)
     return counts

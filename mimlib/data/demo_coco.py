@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimlib.data.demo import FAMILIES, GENERATOR_VERSION, _rng, class_style, render_scene
+from mimlib.data.demo import FAMILIES, GENERATOR_VERSION, _rng, class_style, publish_dataset, render_scene
 
 __all__ = ["CocoDemoSpec", "category_id", "mask_to_segmentation", "write_coco_demo"]
 
@@ -201,12 +201,5 @@ def write_coco_demo(
         "counts": counts,
         "categories": categories,
     }
-    (tmp / "demo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    publish_dataset(tmp, out, info)
     return counts

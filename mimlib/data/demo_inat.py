@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from mimlib.data.demo import _rng, class_style, render_scene
+from mimlib.data.demo import _rng, class_style, publish_dataset, render_scene
 
 __all__ = ["InatDemoSpec", "STYLE_OFFSET", "SUPERCATEGORIES", "train_counts", "write_inat_demo"]
 
@@ -115,11 +115,5 @@ def write_inat_demo(out: str | os.PathLike[str], spec: InatDemoSpec = InatDemoSp
         }
         (tmp / json_name).write_text(json.dumps(doc) + "\n")
         counts[split] = len(images)
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    publish_dataset(tmp, out)
     return counts

@@ -20,6 +20,7 @@ from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, write_json_atomic
+from mimlib.train.pretrain import autocast_context
 
 
 @dataclass
@@ -60,13 +61,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def autocast(recipe: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
-    precision = recipe.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+autocast = autocast_context  # the engines' shared precision switch (mimlib.train.pretrain)
 
 
 class ResumableState:

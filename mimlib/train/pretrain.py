@@ -130,6 +130,7 @@ def build_optimizer(model: torch.nn.Module, recipe: dict[str, Any], device: torc
 
 
 def autocast_context(recipe: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    """The recipe's precision: 'auto' = bf16 autocast on CUDA, fp32 on CPU (shared by every engine)."""
     precision = recipe.get("precision", "auto")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"

@@ -44,9 +44,24 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
     # trunk reuse: one trunk per model x dataset, saved at 7/8 of each length
     trunk = sorted(p.name for p in (tmp_path / "results/pretrain/swinv2_pico/half/trunk").glob("*.pt"))
     assert trunk == ["14.pt", "7.pt"]
+    # every task fine-tuned the longest cells and a scratch baseline
+    ft = pd.read_csv(tmp_path / "results" / "finetune" / "summary.csv")
+    assert len(ft) == 4 * (2 + 1)
+    assert set(ft["task"]) == {"in1k", "inat18", "coco", "ade20k"}
+    assert ft.loc[ft.task == "in1k", "top1"].notna().all() and ft.loc[ft.task == "ade20k", "miou"].notna().all()
+    assert ft.loc[ft.task == "coco", "box_ap"].notna().all()
+    # the paper's tables and figures
+    table3 = pd.read_csv(tmp_path / "results" / "tables" / "table3.csv")
+    assert len(table3) >= 1
+    for i in range(1, 9):
+        assert (tmp_path / "results" / "figures" / f"fig{i}.png").stat().st_size > 1000
     # nothing left to do
     out = snakemake(tmp_path, "-n", "--configfile", smoke)
     assert "Nothing to be done" in out
+    # and the report builds, with the tables in it
+    snakemake(tmp_path, "--report", str(tmp_path / "report.html"), "--configfile", smoke)
+    report = (tmp_path / "report.html").read_text(errors="replace")
+    assert "table3" in report and "fig1" in report
 
 
 def test_single_cell_builds_only_what_it_needs(tmp_path: Path) -> None:
@@ -73,16 +88,15 @@ def test_paper_scale_plan_on_a_fake_imagenet(tmp_path: Path) -> None:
     config = tmp_path / "paper.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out = snakemake(tmp_path, "-n", "--configfile", str(config))
-    assert job_counts(out) == {
+    counts = job_counts(out)
+    assert {k: counts[k] for k in ("index", "manifest", "pretrain_trunk", "pretrain_branch", "finetune")} == {
         "index": 3,  # in1k train + val, in22k train
         "manifest": 6,
         "pretrain_trunk": 5 * 6 * 3,  # one trunk per model x dataset, cut at 109,375 / 218,750 / 437,500
         "pretrain_branch": 5 * 6 * 3,
-        "pretrain_summary": 1,
         "finetune": 4 * 5 * 6 * 3,  # four tasks for every cell
-        "finetune_summary": 1,
-        "all": 1,
     }
+    assert all(counts[f"table{i}"] == 1 for i in range(1, 10)) and all(counts[f"fig{i}"] == 1 for i in range(1, 9))
     assert "--end-iter 437500" in out and "--decay-at 109375" in out
     # every training job asks for GPUs (more for bigger models); data and summary jobs for none
     blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", out, re.M | re.S)
@@ -110,6 +124,7 @@ def test_killed_workflow_resumes_the_job(tmp_path: Path) -> None:
     cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     cfg["lengths"] = [256]
     cfg["datasets"] = {"half": cfg["datasets"]["half"]}
+    cfg.pop("finetune")
     cfg["pretrain"].update(checkpoint_every=4, val_every=32)
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -98,6 +98,7 @@ def _study(tmp_path: Path) -> Path:
     first = next(iter(cfg["datasets"]))
     cfg["datasets"] = {first: cfg["datasets"][first]}
     cfg["lengths"] = [min(cfg["lengths"])]
+    cfg.pop("finetune", None)  # this test is about scheduling: pre-training jobs only
     # 2 ranks x 1 core fit a 2-core node; --mem = 2 x 500 MB
     cfg.setdefault("resources", {}).update(cpu_tasks=2, cpus_per_task=1, mem_mb_per_task=500)
     path = tmp_path / "study.yaml"

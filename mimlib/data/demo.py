@@ -277,12 +277,7 @@ def write_classification_demo(
     leaves a half dataset at ``out``. An existing ``out`` raises ``FileExistsError`` unless
     ``overwrite``.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"demo dataset {str(out)!r} exists (pass overwrite=True)")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an interrupted run
+    out, tmp = staging_dir(out, overwrite)
     styles = {c: class_style(c, spec.seed) for c in range(spec.num_classes)}
     odd_kinds = ("cmyk", "png", "gray")
     counts: dict[str, Any] = {"num_classes": spec.num_classes}
@@ -306,6 +301,18 @@ def write_classification_demo(
     }
     publish_dataset(tmp, out, info)
     return counts
+
+
+def staging_dir(out: str | os.PathLike[str], overwrite: bool) -> tuple[Path, Path]:
+    """(out, an empty ``<out>.tmp`` to build the set in); refuses an existing ``out`` unless
+    ``overwrite``. A ``.tmp`` left by an interrupted run is cleared."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"demo dataset {str(out)!r} exists (pass overwrite=True)")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return out, tmp
 
 
 def publish_dataset(tmp: Path, out: Path, info: dict[str, Any] | None = None) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimlib.data.demo import GENERATOR_VERSION, _rng, class_style, publish_dataset, render_scene
+from mimlib.data.demo import GENERATOR_VERSION, _rng, class_style, publish_dataset, render_scene, staging_dir  # noqa: E501
 
 __all__ = ["Ade20kDemoSpec", "write_ade20k_demo", "render_ade20k_sample"]
 
@@ -80,12 +79,7 @@ def write_ade20k_demo(out: str | os.PathLike[str], spec: Ade20kDemoSpec = Ade20k
     Built in ``<out>.tmp`` and renamed into place, so an interrupted run never leaves a half
     dataset at ``out``. An existing ``out`` raises ``FileExistsError`` unless ``overwrite``.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"demo dataset {str(out)!r} exists (pass overwrite=True)")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # debris of an interrupted run
+    out, tmp = staging_dir(out, overwrite)
     K = spec.num_classes
     styles = {c: class_style(c, spec.seed) for c in range(K + 1)}  # K = "other"
     root = tmp / "ADEChallengeData2016"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mimlib.data.demo import FAMILIES, GENERATOR_VERSION, _rng, class_style, publish_dataset, render_scene
+from mimlib.data.demo import (
+    FAMILIES,
+    GENERATOR_VERSION,
+    _rng,
+    class_style,
+    publish_dataset,
+    render_scene,
+    staging_dir,
+)
 
 __all__ = ["CocoDemoSpec", "category_id", "mask_to_segmentation", "write_coco_demo"]
 
@@ -142,12 +149,7 @@ def write_coco_demo(
     """
     from pycocotools import mask as mask_utils
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"demo dataset {str(out)!r} exists (pass overwrite=True)")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out, tmp = staging_dir(out, overwrite)
     styles = {c: class_style(c, spec.seed) for c in range(spec.num_classes + spec.backgrounds)}
     categories = [
         {"id": category_id(k), "name": f"{FAMILIES[styles[k].family]}_{k}", "supercategory": "texture"}

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from mimlib.data.demo import _rng, class_style, publish_dataset, render_scene
+from mimlib.data.demo import _rng, class_style, publish_dataset, render_scene, staging_dir
 
 __all__ = ["InatDemoSpec", "STYLE_OFFSET", "SUPERCATEGORIES", "train_counts", "write_inat_demo"]
 
@@ -79,12 +78,7 @@ def write_inat_demo(out: str | os.PathLike[str], spec: InatDemoSpec = InatDemoSp
 
     An existing ``out`` raises ``FileExistsError`` unless ``overwrite``.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"demo dataset {str(out)!r} exists (pass overwrite=True)")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out, tmp = staging_dir(out, overwrite)
     styles = {STYLE_OFFSET + c: class_style(STYLE_OFFSET + c, spec.seed) for c in range(spec.num_classes)}
     categories = [{"id": c, "name": f"species_{c:04d}", "supercategory": _supercategory(c)}
                   for c in range(spec.num_classes)]

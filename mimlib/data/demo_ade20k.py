@@ -17,10 +17,8 @@ Deterministic: each file depends only on (seed, split, index); the set is writte
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,7 +63,9 @@ from mimlib.finetune.common import (
 from mimlib.finetune.recipes import CLASSIFICATION
 from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train import checkpoint as ckpt
+from mimlib.train.metrics import copy_atomic
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.pretrain import NonFiniteLossError
 from mimlib.train.schedule import scaled_lr
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,6 @@ __all__ = [
 #: H/g 0.65 and 50/10 epochs on IN-1K) comes from the config.
 DEFAULT_RECIPE: dict[str, Any] = CLASSIFICATION
 KNOWN_KEYS: set[str] = set(DEFAULT_RECIPE)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good rolling checkpoint is kept."""
 
 
 def check_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -218,18 +214,6 @@ def evaluate(model: nn.Module, loader: DataLoader, r: dict[str, Any], info: Dist
 def _weights(model: nn.Module, job: FinetuneJob, r: dict[str, Any], epoch: int, top1: float, num_classes: int) -> dict:
     return {"model": model.state_dict(), "model_name": job.model, "task": job.task, "epoch": epoch,
             "top1": top1, "num_classes": num_classes, "recipe": job.recipe}
-
-
-def _publish(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically (the two may be on different filesystems)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
@@ -368,7 +352,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     if info.is_main:
         ckpt.save_atomic(_weights(model, job, r, r["epochs"], float(last_top1), num_classes), out_dir / "last.pt")
         if work_best.exists():
-            _publish(work_best, out_dir / "best.pt")
+            copy_atomic(work_best, out_dir / "best.pt")
         elif not (out_dir / "best.pt").exists():
             raise RuntimeError(f"the best epoch's weights are neither in {work_best} nor in {out_dir / 'best.pt'}")
     metrics = {"top1": best_top1, "top5": best_top5, "top1_last": float(last_top1), "best_epoch": best_epoch}

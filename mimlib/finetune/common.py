@@ -4,8 +4,6 @@ decay, per-update lr from timm's schedulers, resumable state, and the metrics fi
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from mimlib.models.swinv2 import get_spec
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo
 from mimlib.train.layer_decay import layer_decay_param_groups
-from mimlib.train.metrics import JsonlLogger, write_json_atomic
+from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.pretrain import autocast_context
 
 
@@ -100,11 +98,7 @@ class ResumableState:
         if self.info.is_main:
             work_log = Path(self.job.resume_dir) / "log.jsonl"
             if work_log.exists():
-                out = Path(self.job.out_dir) / "log.jsonl"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(".log.jsonl.tmp")
-                shutil.copyfile(work_log, tmp)
-                os.replace(tmp, out)
+                copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
                 work_log.unlink()
             for _, p in ckpt.rolling_checkpoints(self.job.resume_dir):
                 p.unlink(missing_ok=True)

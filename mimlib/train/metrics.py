@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,6 +50,20 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename: readers of ``dst`` never
+    see half a file (``src`` may live on another filesystem, e.g. a resume folder)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def merge_curves(logs: Iterable[str | Path]) -> list[dict[str, Any]]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -25,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimlib.config import recipe_hash
-from mimlib.data.decode import CorruptImageError  # noqa: F401  (re-exported for callers)
 from mimlib.data.index import read_index
 from mimlib.data.manifests import read_manifest
 from mimlib.data.pretrain_data import (
@@ -39,7 +36,7 @@ from mimlib.models.attention import use_fused_attention
 from mimlib.models.simmim import SimMIM, build_simmim
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from mimlib.train.metrics import JsonlLogger, write_json_atomic
+from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
 from mimlib.train.schedule import scaled_lr, step_lr
 
@@ -407,10 +404,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         if job.metrics_out is not None:
             write_json_atomic(summary, job.metrics_out)
         if job.log_out is not None:
-            job.log_out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = job.log_out.with_name(f".{job.log_out.name}.tmp")
-            shutil.copyfile(logger.path, tmp)
-            os.replace(tmp, job.log_out)
+            copy_atomic(logger.path, job.log_out)
         # The job is complete: its rolling checkpoints and work log are no longer needed.
         for _, p in ckpt.rolling_checkpoints(job.resume_dir):
             p.unlink(missing_ok=True)

@@ -109,23 +109,27 @@ def test_killed_job_resumes_to_the_same_weights(tmp_path: Path, tiny_data: dict,
 
 
 def test_sigterm_saves_state_and_the_rerun_resumes(tmp_path: Path, tiny_data: dict, tiny_recipe: dict) -> None:
-    """A time limit / preemption / scancel: SIGTERM -> checkpoint at the next iteration, exit 143."""
+    """A time limit / preemption / scancel: SIGTERM -> checkpoint at the next iteration, exit 143.
+
+    Slurm signals every process of the step, so the signal goes to the whole process group,
+    DataLoader workers included (they must not die before the main process has saved)."""
     recipe = {**tiny_recipe, "checkpoint_every": 1000}  # only the SIGTERM path saves state
     end = 40
     run_pretrain(job(tmp_path, tiny_data, recipe, "ref", end, 35), progress=False)
-    j = job(tmp_path, tiny_data, recipe, "term", end, 35)
-    proc = subprocess.Popen(_cli(j), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    j = job(tmp_path, tiny_data, {**recipe, "num_workers": 2}, "term", end, 35)
+    proc = subprocess.Popen(_cli(j), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     work_log = j.resume_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (work_log.exists() and work_log.read_text()):
         time.sleep(0.05)
     assert proc.poll() is None, "the job finished before SIGTERM"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     saved = ckpt.rolling_checkpoints(j.resume_dir)
     assert len(saved) == 1 and 0 < saved[0][0] < end
-    assert "stopped by SIGTERM" in err
+    assert "stopped by SIGTERM" in err and "DataLoader worker" not in err
     subprocess.run(_cli(j), cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert_bitwise_equal(weights(tmp_path / "ref.pt"), weights(j.out))
     assert losses(j.log_out) == losses(tmp_path / "ref.jsonl")

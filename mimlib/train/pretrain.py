@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
+from mimlib.train.preemption import Preempted, SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
 from mimlib.train.schedule import scaled_lr, step_lr
 
 log = logging.getLogger(__name__)
@@ -49,31 +48,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TooManyCorruptImagesError(RuntimeError):
     """More than ``max_corrupt_fraction`` of the dataset failed to decode."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM (time limit, preemption, scancel): state saved, the rerun resumes."""
-
-    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a terminated job
-
-
-class StopRequest:
-    """Turns SIGTERM into a flag the training loop checks after each iteration (main thread
-    only; elsewhere, e.g. in a test runner's worker thread, the handler is not installed)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
 
 
 @dataclass
@@ -161,7 +135,7 @@ def _validation_loader(job: PretrainJob, info: DistInfo) -> DataLoader | None:
     index, root = read_index(job.val_index)
     dataset = ValidationDataset(index, root, job.recipe, job.seed, job.val_max_images)
     shard = list(range(info.rank, len(dataset), info.world_size))
-    return DataLoader(
+    return SigtermSafeDataLoader(
         torch.utils.data.Subset(dataset, shard),
         batch_size=job.recipe["micro_batch"],
         num_workers=min(job.recipe["num_workers"], 4),
@@ -231,7 +205,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     manifest, root, _ = read_manifest(job.manifest)
     dataset = PretrainDataset(manifest, root, r, job.seed)
     sampler = GlobalBatchSampler(start, job.end_iter, r["global_batch"], r["micro_batch"], info.rank, info.world_size)
-    loader = DataLoader(
+    loader = SigtermSafeDataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=r["num_workers"],
@@ -286,7 +260,6 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         last_val = validation_loss(model, val_loader, r, info)
         logger.log({"iter": iteration, "val_loss": last_val})
 
-    stop = StopRequest()
     model.train()
     batches = iter(loader)
     bar = None
@@ -294,93 +267,91 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(total=job.end_iter, initial=start, desc=f"{job.model} -> {job.end_iter}", unit="it", dynamic_ncols=True)
-    for k in range(start, job.end_iter):
-        lr = step_lr(k, base_lr, r["warmup_iters"], warmup_lr, job.decay_at, r["decay_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
-        # run or a trunk/branch split draws the same paths as an uninterrupted one.
-        torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
-        step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-        for a in range(accum):
-            batch = next(batches)
-            failed_files.update(batch["failed"])
-            images = batch["image"].to(info.device, non_blocking=True)
-            masks = batch["mask"].to(info.device, non_blocking=True)
-            sync = a == accum - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(r, info.device):
-                loss = train_model(images, masks)
-            (loss / accum).backward()
-            step_loss += loss.detach().double() / accum
-        if r["clip_grad"]:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"])
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        # One reduction carries the loss and "a rank was asked to stop" (SIGTERM), so every
-        # rank stops after the same iteration.
-        stats = all_reduce_sum(torch.stack([step_loss, torch.tensor(float(stop.requested), dtype=torch.float64, device=info.device)]), info)
-        reduced = stats[0] / info.world_size
-        if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
-            raise NonFiniteLossError(
-                f"{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at iteration {k}; "
-                f"the last good checkpoint is kept in {job.resume_dir}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = k + 1
-        interval_loss += reduced
-        interval_gnorm += gnorm.double()
-        interval_iters += 1
-        if done > window_start:
-            tail_losses.append(float(reduced))
-        if len(failed_files) > 0:
-            n_failed = int(all_reduce_sum(torch.tensor(len(failed_files), device=info.device), info))
-            if n_failed > max_corrupt:
-                names = ", ".join(sorted(failed_files)[:20])
-                raise TooManyCorruptImagesError(
-                    f"{n_failed} of {len(dataset)} images in {job.manifest} could not be decoded "
-                    f"(limit max_corrupt_fraction={r['max_corrupt_fraction']}): {names}"
+    with StopRequest() as stop:  # SIGTERM -> save and raise Preempted after this update
+        for k in range(start, job.end_iter):
+            lr = step_lr(k, base_lr, r["warmup_iters"], warmup_lr, job.decay_at, r["decay_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
+            # run or a trunk/branch split draws the same paths as an uninterrupted one.
+            torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
+            step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+            for a in range(accum):
+                batch = next(batches)
+                failed_files.update(batch["failed"])
+                images = batch["image"].to(info.device, non_blocking=True)
+                masks = batch["mask"].to(info.device, non_blocking=True)
+                sync = a == accum - 1 or not info.distributed
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(r, info.device):
+                    loss = train_model(images, masks)
+                (loss / accum).backward()
+                step_loss += loss.detach().double() / accum
+            if r["clip_grad"]:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"])
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            # One reduction carries the loss and "a rank was asked to stop" (SIGTERM), so every
+            # rank stops after the same iteration.
+            reduced, stop_now = reduce_mean_and_stop(step_loss, stop, info)
+            if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
+                raise NonFiniteLossError(
+                    f"{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at iteration {k}; "
+                    f"the last good checkpoint is kept in {job.resume_dir}"
                 )
-        if done % r["log_every"] == 0 or done == job.end_iter:
-            elapsed = time.perf_counter() - interval_t0
-            record = {
-                "iter": done,
-                "loss": float(interval_loss) / interval_iters,
-                "lr": lr,
-                "grad_norm": float(interval_gnorm) / interval_iters,
-                "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9),
-                "corrupt_images": len(failed_files),
-            }
-            logger.log(record)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = k + 1
+            interval_loss += reduced
+            interval_gnorm += gnorm.double()
+            interval_iters += 1
+            if done > window_start:
+                tail_losses.append(float(reduced))
+            if len(failed_files) > 0:
+                n_failed = int(all_reduce_sum(torch.tensor(len(failed_files), device=info.device), info))
+                if n_failed > max_corrupt:
+                    names = ", ".join(sorted(failed_files)[:20])
+                    raise TooManyCorruptImagesError(
+                        f"{n_failed} of {len(dataset)} images in {job.manifest} could not be decoded "
+                        f"(limit max_corrupt_fraction={r['max_corrupt_fraction']}): {names}"
+                    )
+            if done % r["log_every"] == 0 or done == job.end_iter:
+                elapsed = time.perf_counter() - interval_t0
+                record = {
+                    "iter": done,
+                    "loss": float(interval_loss) / interval_iters,
+                    "lr": lr,
+                    "grad_norm": float(interval_gnorm) / interval_iters,
+                    "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9),
+                    "corrupt_images": len(failed_files),
+                }
+                logger.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                interval_loss.zero_()
+                interval_gnorm.zero_()
+                interval_iters, interval_t0 = 0, time.perf_counter()
+            if done % r["val_every"] == 0 or done == job.end_iter:
+                evaluate(done)
+            if stop_now and done < job.end_iter:
+                if info.is_main:
+                    ckpt.save_rolling(
+                        _state(model, optimizer, done, job, **progress_state()),
+                        job.resume_dir,
+                        done,
+                    )
+                    log.warning("stopped by SIGTERM after iteration %d; state saved in %s", done, job.resume_dir)
+                barrier(info)
+                raise Preempted(f"stopped by SIGTERM after iteration {done}; rerun to resume from {job.resume_dir}")
+            if done % r["checkpoint_every"] == 0 and done < job.end_iter:
+                if info.is_main:
+                    ckpt.save_rolling(
+                        _state(model, optimizer, done, job, **progress_state()),
+                        job.resume_dir,
+                        done,
+                    )
+                barrier(info)
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-            interval_loss.zero_()
-            interval_gnorm.zero_()
-            interval_iters, interval_t0 = 0, time.perf_counter()
-        if done % r["val_every"] == 0 or done == job.end_iter:
-            evaluate(done)
-        if stats[1] > 0 and done < job.end_iter:
-            if info.is_main:
-                ckpt.save_rolling(
-                    _state(model, optimizer, done, job, **progress_state()),
-                    job.resume_dir,
-                    done,
-                )
-                log.warning("stopped by SIGTERM after iteration %d; state saved in %s", done, job.resume_dir)
-            barrier(info)
-            stop.close()
-            raise Preempted(f"stopped by SIGTERM after iteration {done}; rerun to resume from {job.resume_dir}")
-        if done % r["checkpoint_every"] == 0 and done < job.end_iter:
-            if info.is_main:
-                ckpt.save_rolling(
-                    _state(model, optimizer, done, job, **progress_state()),
-                    job.resume_dir,
-                    done,
-                )
-            barrier(info)
-        if bar is not None:
-            bar.update(1)
-    stop.close()
+                bar.update(1)
     if bar is not None:
         bar.close()
     if start == job.end_iter and val_loader is not None:

@@ -1,0 +1,98 @@
+"""SIGTERM handling shared by every training engine (pre-training and the three fine-tuning tasks).
+
+Slurm sends SIGTERM at a time limit, on preemption and on ``scancel``, then SIGKILL after
+KillWait (~30 s). A training loop turns the signal into a flag (:class:`StopRequest`), carries the
+flag in the all-reduce it already does for its loss (:func:`reduce_mean_and_stop`) so that every
+rank stops after the same update, saves its rolling state and raises :class:`Preempted`; the CLI
+exits 143 and Snakemake's retry (or Slurm's requeue) resumes from that state.
+
+The signal reaches every process of the job step, DataLoader workers included; a worker that dies
+of it makes the main process raise "DataLoader worker exited unexpectedly" at a random point,
+before anything is saved. :class:`SigtermSafeDataLoader` keeps the workers out of it: they are
+forked with SIGTERM blocked (a signal landing while they start stays pending) and ignore it from
+their first line of Python on; they exit with the main process, and SIGKILL still ends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from mimlib.train.distributed import DistInfo, all_reduce_sum
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (time limit, preemption, scancel): state saved, the rerun resumes."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a terminated job
+
+
+class StopRequest:
+    """Turns SIGTERM into a flag the training loop checks after each update (main thread only;
+    elsewhere, e.g. in a test runner's worker thread, the handler is not installed).
+
+    Use it as a context manager so the previous handler comes back however the loop ends.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+@contextlib.contextmanager
+def sigterm_blocked() -> Iterator[None]:
+    """Hold SIGTERM pending in this thread (and in the processes it forks) for the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_sigterm_in_worker(worker_id: int) -> None:
+    """``worker_init_fn``: the main process decides when to stop (a pending SIGTERM is dropped)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+class SigtermSafeDataLoader(DataLoader):
+    """A DataLoader whose worker processes leave SIGTERM to the training loop (see above)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("worker_init_fn") is not None:
+            raise ValueError("SigtermSafeDataLoader sets worker_init_fn itself")
+        super().__init__(*args, worker_init_fn=ignore_sigterm_in_worker, **kwargs)
+
+    def __iter__(self) -> Any:
+        if self.num_workers == 0:
+            return super().__iter__()
+        with sigterm_blocked():  # workers start here: no window before ignore_sigterm_in_worker
+            return super().__iter__()
+
+
+def reduce_mean_and_stop(values: torch.Tensor, stop: StopRequest, info: DistInfo) -> tuple[torch.Tensor, bool]:
+    """Mean of ``values`` over ranks and "some rank got SIGTERM", in one all-reduce."""
+    flag = torch.tensor([float(stop.requested)], dtype=torch.float64, device=values.device)
+    summed = all_reduce_sum(torch.cat([values.detach().reshape(-1).double(), flag]), info)
+    return (summed[:-1] / info.world_size).reshape(values.shape), bool(summed[-1] > 0)

@@ -71,7 +71,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         save_optimizer=not args.no_optimizer,
         device=args.device,
     )
-    from mimlib.train.pretrain import Preempted
+    from mimlib.train.preemption import Preempted
 
     try:
         run_pretrain(job, progress=not args.no_progress)
@@ -107,7 +107,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     )
     task = engine(args.task)
     task.check_recipe(job.recipe)
-    record = task.run(job, progress=not args.no_progress)
+    from mimlib.train.preemption import Preempted
+
+    try:
+        record = task.run(job, progress=not args.no_progress)
+    except Preempted as exc:
+        print(f"preempted: {exc}", file=sys.stderr)
+        return Preempted.exit_code
     print(json.dumps(record["metrics"], sort_keys=True))
     return 0
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from mimlib.finetune import classification as cls
 from mimlib.finetune.common import FinetuneJob, ResumableState
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import read_jsonl
+from mimlib.train.preemption import Preempted
 
 TINY = {  # swinv2_pico at 64 px / window 4, batch 4, every augmentation of Table 11 on
     "img_size": 64, "window_size": 4, "epochs": 1, "warmup_epochs": 0, "global_batch": 4, "micro_batch": 4,
@@ -175,18 +181,42 @@ def test_one_epoch_trains(task: str, tmp_path: Path, tiny_data: dict, inat_demo:
 
 
 # (e) ------------------------------------------------------------------------------------------
+# 32 images, global batch 8 = 2 accumulated micro-batches of 4: 4 updates per epoch, 8 in all.
+RESUME_RECIPE = {**TINY, "epochs": 2, "warmup_epochs": 1, "global_batch": 8, "base_lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_data: dict) -> Path:
+    """The reference every interrupted run must end equal to."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cls.run(_job(tmp, "full", "in1k", _in1k_data(tiny_data), RESUME_RECIPE, None), progress=False)
+    return tmp / "full"
+
+
+def _assert_same_run(ref: Path, out: Path) -> None:
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(ref / name, weights_only=True)
+        b = torch.load(out / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] and a.keys() == b.keys()
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+
+    def log(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_jsonl(path)]
+
+    full, cut = log(ref / "log.jsonl"), log(out / "log.jsonl")
+    assert [r["epoch"] for r in full] == [1, 2] and full == cut
+    m_full = json.loads((ref / "metrics.json").read_text())["metrics"]
+    assert m_full == json.loads((out / "metrics.json").read_text())["metrics"]
+
+
 class _Killed(Exception):
     pass
 
 
 def test_killed_run_resumes_to_the_same_weights_and_log(
-    tmp_path: Path, tiny_data: dict, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_data: dict, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 32 images, global batch 8 = 2 accumulated micro-batches of 4: 4 updates per epoch.
-    recipe = {**TINY, "epochs": 2, "warmup_epochs": 1, "global_batch": 8, "base_lr": 0.05}
-    data = _in1k_data(tiny_data)
-    cls.run(_job(tmp_path, "full", "in1k", data, recipe, None), progress=False)
-
     original_save, original_load = ResumableState.save, ResumableState.load
     loaded: list[int] = []
 
@@ -201,30 +231,108 @@ def test_killed_run_resumes_to_the_same_weights_and_log(
 
     monkeypatch.setattr(ResumableState, "save", save_then_die)
     monkeypatch.setattr(ResumableState, "load", recording_load)
-    job = _job(tmp_path, "cut", "in1k", data, recipe, None)
+    job = _job(tmp_path, "cut", "in1k", _in1k_data(tiny_data), RESUME_RECIPE, None)
     with pytest.raises(_Killed):
         cls.run(job, progress=False)
-    assert [s for s, _ in ckpt.rolling_checkpoints(job.resume_dir)] == [1]
+    assert [s for s, _ in ckpt.rolling_checkpoints(job.resume_dir)] == [4]  # after epoch 1 = 4 updates
     assert not (job.out_dir / "metrics.json").exists()
     monkeypatch.setattr(ResumableState, "save", original_save)
     cls.run(job, progress=False)
-    assert loaded == [0, 1]  # the second call started at epoch 1
-
-    for name in ("last.pt", "best.pt"):
-        a = torch.load(tmp_path / "full" / name, weights_only=True)
-        b = torch.load(job.out_dir / name, weights_only=True)
-        assert a["epoch"] == b["epoch"] and a.keys() == b.keys()
-        for k in a["model"]:
-            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
-
-    def log(path: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_jsonl(path)]
-
-    full, cut = log(tmp_path / "full" / "log.jsonl"), log(job.out_dir / "log.jsonl")
-    assert [r["epoch"] for r in full] == [1, 2] and full == cut
-    m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())["metrics"]
-    assert m_full == json.loads((job.out_dir / "metrics.json").read_text())["metrics"]
+    assert loaded == [0, 4]  # the second call started at epoch 1
+    _assert_same_run(uninterrupted, job.out_dir)
     assert not job.resume_dir.exists()
+
+
+@pytest.mark.parametrize(("signal_in_call", "saved_at"), [(3, 2), (7, 4)], ids=["mid-epoch", "epoch-end"])
+def test_sigterm_saves_and_the_rerun_matches_the_uninterrupted_run(
+    signal_in_call: int, saved_at: int, tmp_path: Path, tiny_data: dict, uninterrupted: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM during update 2 (criterion call 3; 2 calls per update) stops after that update,
+    mid-epoch; during the epoch's last update (call 7) the epoch is evaluated and logged first."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    original = SoftTargetCrossEntropy.forward
+    calls = {"n": 0}
+
+    def terminated(self, x, target):
+        calls["n"] += 1
+        if calls["n"] == signal_in_call:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to the handler the engine installed
+        return original(self, x, target)
+
+    job = _job(tmp_path, "term", "in1k", _in1k_data(tiny_data), RESUME_RECIPE, None)
+    with monkeypatch.context() as m:
+        m.setattr(SoftTargetCrossEntropy, "forward", terminated)
+        with pytest.raises(Preempted, match="stopped by SIGTERM"):
+            cls.run(job, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the engine gave the handler back
+    assert [s for s, _ in ckpt.rolling_checkpoints(job.resume_dir)] == [saved_at]
+    work_log = job.resume_dir / "log.jsonl"
+    assert [r["epoch"] for r in read_jsonl(work_log)] == [1] if saved_at == 4 else not work_log.exists()
+    assert not (job.out_dir / "metrics.json").exists()
+    cls.run(job, progress=False)
+    _assert_same_run(uninterrupted, job.out_dir)
+
+
+def test_cli_exits_143_on_sigterm_to_the_process_group_and_resumes(tmp_path: Path, tiny_data: dict) -> None:
+    """What Slurm does at a time limit: SIGTERM to every process of the step (loader workers too).
+    The CLI saves, exits 143, and the rerun ends where an uninterrupted run ends."""
+    recipe = {**RESUME_RECIPE, "epochs": 6}
+    data = _in1k_data(tiny_data)
+    cls.run(_job(tmp_path, "full", "in1k", data, recipe, None), progress=False)
+    job = _job(tmp_path, "term", "in1k", data, {**recipe, "num_workers": 2}, None)
+    cmd = [sys.executable, "-m", "mimlib", "finetune", "--task", "in1k", "--model", job.model,
+           "--recipe-json", json.dumps(job.recipe), "--data-json", json.dumps(data), "--out-dir", str(job.out_dir),
+           "--resume-dir", str(job.resume_dir), "--device", "cpu", "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ckpt.rolling_checkpoints(job.resume_dir):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job ended before SIGTERM: " + (proc.stderr.read() if proc.stderr else "")[-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job hung after SIGTERM (no checkpoint within a grace period)")
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "DataLoader worker" not in err
+    saved = ckpt.rolling_checkpoints(job.resume_dir)[-1]  # the periodic one (epoch 1) may still be there
+    assert 4 < saved[0] < 24  # after epoch 1 (update 4) was saved, before the end (6 epochs x 4)
+    subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(tmp_path / "full" / name, weights_only=True)["model"]
+        b = torch.load(job.out_dir / name, weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path: Path, tiny_data: dict) -> None:
+    """2 ranks x micro 2 x 2 accumulation == 1 process x micro 4 x 2 (global batch 8), launched the
+    way the workflow launches a 2-rank job. Mixup and drop path draw per rank, so they are off."""
+    recipe = {**RESUME_RECIPE, "mixup": 0.0, "cutmix": 0.0, "drop_path": 0.0}
+    data = _in1k_data(tiny_data)
+    cls.run(_job(tmp_path, "single", "in1k", data, recipe, None), progress=False)
+    ddp = _job(tmp_path, "ddp", "in1k", data, {**recipe, "micro_batch": 2}, None)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(root / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "finetune", "--task", "in1k",
+           "--model", ddp.model, "--recipe-json", json.dumps(ddp.recipe), "--data-json", json.dumps(data),
+           "--out-dir", str(ddp.out_dir), "--resume-dir", str(ddp.resume_dir), "--device", "cpu", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_jsonl(tmp_path / "single" / "log.jsonl"), read_jsonl(ddp.out_dir / "log.jsonl")
+    assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], rel=1e-5)
+    assert [r["val_loss"] for r in two] == pytest.approx([r["val_loss"] for r in one], rel=1e-4)
+    assert [r["top1"] for r in two] == [r["top1"] for r in one]
+    a = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["model"]
+    b = torch.load(ddp.out_dir / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((ddp.out_dir / "metrics.json").read_text())["world_size"] == 2
 
 
 def test_non_finite_loss_names_the_epoch_and_keeps_state(
@@ -244,7 +352,7 @@ def test_non_finite_loss_names_the_epoch_and_keeps_state(
     job = _job(tmp_path, "nan", "in1k", _in1k_data(tiny_data), {**TINY, "epochs": 2}, None)
     with pytest.raises(cls.NonFiniteLossError, match=r"epoch 1 \(0-based\), update 0"):
         cls.run(job, progress=False)
-    assert [s for s, _ in ckpt.rolling_checkpoints(job.resume_dir)] == [1]
+    assert [s for s, _ in ckpt.rolling_checkpoints(job.resume_dir)] == [8]  # epoch 1 = 8 updates
 
 
 # (f) ------------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def test_one_training_step_gives_finite_losses(tmp_path: Path) -> None:
     losses = model([torch.rand(3, 128, 128), torch.rand(3, 128, 128)], [target, empty])
     assert set(losses) == set(D._LOSS_NAMES)
     loss = sum(losses.values())
-    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
     loss.backward()
     enc = model.backbone.body.encoder
     assert enc.patch_embed.proj.weight.grad is not None and enc.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -353,6 +353,49 @@ def test_run_trains_evaluates_and_resumes(coco_demo: Path, tmp_path: Path, monke
     shutil.copy(tmp_path / "kept/iter_000000006.pt", tmp_path / "eval/resume/")
     assert D.run(job("eval"), progress=False)["metrics"] == metrics
     assert [r["iter"] for r in map(json.loads, (tmp_path / "eval/out/log.jsonl").read_text().splitlines())] == [6]
+
+
+def test_sigterm_mid_interval_saves_and_the_rerun_matches(coco_demo: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM in iteration 2 of 6 -> state saved after it (with the open log interval's sums),
+    Preempted; the rerun ends with the uninterrupted run's weights, log and AP."""
+    import os
+    import signal
+
+    from mimlib.train import checkpoint as ckpt_io
+    from mimlib.train.preemption import Preempted
+
+    ckpt = _ckpt(tmp_path / "pico.pt")
+    recipe = dict(TINY, log_every=3, checkpoint_every=6, save_weights=True)  # only SIGTERM saves mid-run
+
+    def job(name: str) -> FinetuneJob:
+        return FinetuneJob(task="coco", model="swinv2_pico", recipe=recipe, data=coco_paths(coco_demo),
+                           out_dir=tmp_path / name / "out", resume_dir=tmp_path / name / "resume",
+                           checkpoint=ckpt, device="cpu")
+
+    ref = D.run(job("full"), progress=False)
+    original, calls = D._to_device, {"n": 0}
+
+    def terminated(*args):  # once per micro-batch, 2 per iteration
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "_to_device", terminated)
+        with pytest.raises(Preempted, match="iteration 2 of 6"):
+            D.run(job("term"), progress=False)
+    (saved,) = ckpt_io.rolling_checkpoints(tmp_path / "term/resume")
+    assert saved[0] == 2 and ckpt_io.load(saved[1])["extra"]["interval_iters"] == 2
+    resumed = D.run(job("term"), progress=False)
+    assert resumed["metrics"] == ref["metrics"]
+    a = torch.load(tmp_path / "full/out/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "term/out/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timeless = lambda p: [{k: v for k, v in json.loads(x).items() if k not in ("images_per_s", "eval_s")}  # noqa: E731
+                          for x in p.read_text().splitlines()]
+    assert timeless(tmp_path / "term/out/log.jsonl") == timeless(tmp_path / "full/out/log.jsonl")
 
 
 # ----------------------------------------------------------------------------- (e) optimiser, recipe

@@ -214,6 +214,39 @@ def test_run_resumes_after_a_nan_stop_to_the_same_weights(tmp_path: Path, ade_ro
         assert torch.equal(a[k], b[k]), k
 
 
+def test_sigterm_saves_and_the_rerun_matches(tmp_path: Path, ade_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM in iteration 2 of 4 -> state saved after it, Preempted, exit path taken before the
+    periodic checkpoint; the rerun ends with the uninterrupted run's weights, log and mIoU."""
+    import os
+    import signal
+
+    from mimlib.train.preemption import Preempted
+
+    over = dict(iters=4, log_every=3, checkpoint_every=0, save_model=True)  # only SIGTERM saves mid-run
+    ref = seg.run(_job(tmp_path, ade_root, "ref", **over), progress=False)
+    calls = {"n": 0}
+    original = seg.seg_loss
+
+    def terminated(logits, labels, *a, **k):  # two losses (main, aux) per iteration here
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(logits, labels, *a, **k)
+
+    job = _job(tmp_path, ade_root, "term", **over)
+    with monkeypatch.context() as m:
+        m.setattr(seg, "seg_loss", terminated)
+        with pytest.raises(Preempted, match="iteration 2 of 4"):
+            seg.run(job, progress=False)
+    assert [i for i, _ in ckpt.rolling_checkpoints(job.resume_dir)] == [2]
+    assert seg.run(job, progress=False)["metrics"] == ref["metrics"]
+    a, b = ckpt.load(tmp_path / "ref" / "last.pt")["model"], ckpt.load(tmp_path / "term" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    timeless = lambda p: [{k: v for k, v in json.loads(x).items() if k != "images_per_s"}  # noqa: E731
+                          for x in p.read_text().splitlines()]
+    assert timeless(tmp_path / "term" / "log.jsonl") == timeless(tmp_path / "ref" / "log.jsonl")
+
+
 # (f) ---------------------------------------------------------------------------------------
 def test_layer_decay_groups_head_at_one_patch_embed_at_decay_power() -> None:
     model, _ = build_upernet("swinv2_pico", None, 4, img_size=128, window_size=8, drop_path=0.0, channels=16,

@@ -65,6 +65,7 @@ from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import copy_atomic
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
 from mimlib.train.pretrain import NonFiniteLossError
 from mimlib.train.schedule import scaled_lr
 
@@ -151,8 +152,8 @@ class EpochBatchSampler(Sampler):
 
     The epoch's order is a permutation of the dataset seeded by ``(seed, epoch)``; the last
     incomplete global batch is dropped. Global batch ``u`` is cut into ``world x accum``
-    micro-batches; rank ``r`` takes micro-batches ``r, r + world, ...``. Yields updates
-    ``start_update ..`` only (``set_epoch`` resets it to 0).
+    micro-batches; rank ``r`` takes micro-batches ``r, r + world, ...``. Yields the updates from
+    ``start_update`` on (a job resumed in the middle of an epoch).
     """
 
     def __init__(self, num_samples: int, global_batch: int, micro_batch: int, rank: int, world_size: int, seed: int):
@@ -163,16 +164,19 @@ class EpochBatchSampler(Sampler):
         self.accum = global_batch // (micro_batch * world_size)
         self.updates_per_epoch = num_samples // global_batch
         self.epoch = 0
+        self.start_update = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_update: int = 0) -> None:
+        if not 0 <= start_update < self.updates_per_epoch:
+            raise ValueError(f"start_update {start_update} is outside [0, {self.updates_per_epoch})")
+        self.epoch, self.start_update = epoch, start_update
 
     def __len__(self) -> int:
-        return self.updates_per_epoch * self.accum
+        return (self.updates_per_epoch - self.start_update) * self.accum
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         perm = np.random.default_rng(stable_seed(self.seed, "ft-order", self.epoch)).permutation(self.n)
-        for u in range(self.updates_per_epoch):
+        for u in range(self.start_update, self.updates_per_epoch):
             chunk = perm[u * self.g:(u + 1) * self.g]
             for a in range(self.accum):
                 j = a * self.world + self.rank
@@ -242,19 +246,23 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     model.to(info.device)
     optimizer = build_optimizer(model, {**r, "lr": 0.0}, info.device, "", job.model)
     state = ResumableState(job, info)
-    start_epoch, extra = state.load(model, optimizer)
-    logger = job_logger(job, info, start_epoch, key="epoch")
-    if info.is_main:
-        log.info("%s/%s: epochs %d -> %d (%s init)", job.task, job.model, start_epoch, r["epochs"], init_info["format"])
+    # Rolling state is counted in optimiser updates, so SIGTERM can stop a job mid-epoch.
+    start_step, extra = state.load(model, optimizer)
 
     train_set = ClassificationDataset(splits.train, build_train_transform(r), seed=job.seed)
     sampler = EpochBatchSampler(len(train_set), r["global_batch"], r["micro_batch"], info.rank, info.world_size, job.seed)
     pin = info.device.type == "cuda"
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], pin_memory=pin,
-                        persistent_workers=False, prefetch_factor=4 if r["num_workers"] > 0 else None)
+    loader = SigtermSafeDataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], pin_memory=pin,
+                                   persistent_workers=False, prefetch_factor=4 if r["num_workers"] > 0 else None)
+    updates = sampler.updates_per_epoch
+    start_epoch, start_update = divmod(start_step, updates)
+    logger = job_logger(job, info, start_epoch, key="epoch")
+    if info.is_main:
+        log.info("%s/%s: epoch %d update %d -> %d epochs (%s init)", job.task, job.model, start_epoch, start_update,
+                 r["epochs"], init_info["format"])
     val_set = ClassificationDataset(splits.val, build_eval_transform(r), seed=job.seed)
-    val_loader = DataLoader(Subset(val_set, list(range(info.rank, len(val_set), info.world_size))),
-                            batch_size=r["micro_batch"], num_workers=min(r["num_workers"], 4), pin_memory=pin)
+    val_loader = SigtermSafeDataLoader(Subset(val_set, list(range(info.rank, len(val_set), info.world_size))),
+                                       batch_size=r["micro_batch"], num_workers=min(r["num_workers"], 4), pin_memory=pin)
 
     mixup_fn = None
     if mixup_active(r):
@@ -273,7 +281,6 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     train_model = torch.compile(ddp_model) if r["compile"] else ddp_model
 
-    updates = sampler.updates_per_epoch
     lrs = cosine_lr_schedule(r, updates)
     best_top1 = float(extra.get("best_top1", -1.0))
     best_top5 = float(extra.get("best_top5", 0.0))
@@ -282,70 +289,84 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     work_best = Path(job.resume_dir) / "best.pt"
     out_dir = Path(job.out_dir)
 
+    def best_state() -> dict[str, Any]:
+        return {"best_top1": best_top1, "best_top5": best_top5, "best_epoch": best_epoch, "last_top1": last_top1}
+
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=r["epochs"] * updates, initial=start_epoch * updates, unit="upd", dynamic_ncols=True,
+        bar = tqdm(total=r["epochs"] * updates, initial=start_step, unit="upd", dynamic_ncols=True,
                    desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}")
     model.train()
-    for epoch in range(start_epoch, r["epochs"]):
-        sampler.set_epoch(epoch)
-        batches = iter(loader)
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-        t0 = time.perf_counter()
-        lr = lrs[epoch * updates]
-        for u in range(updates):
-            lr = lrs[epoch * updates + u]
-            set_lr(optimizer, lr)
-            step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-            for a in range(accum):
-                images, labels = next(batches)
-                # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
-                # micro-step so the run does not depend on where it was resumed.
-                _seed_step(job.seed, "ft-step", epoch, u, a, info.rank)
-                images = images.to(info.device, non_blocking=True)
-                labels = labels.to(info.device, non_blocking=True)
-                targets = labels
-                if mixup_fn is not None:
-                    images, targets = mixup_fn(images, labels)
-                sync = a == accum - 1 or not info.distributed
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
-                    loss = criterion(train_model(images), targets)
-                (loss / accum).backward()
-                step_loss += loss.detach().double() / accum
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
-            reduced = all_reduce_sum(step_loss.clone(), info) / info.world_size
-            # The gradients are all-reduced, so the norm is the same on every rank.
-            if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
-                raise NonFiniteLossError(
-                    f"{job.task}/{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at epoch {epoch} "
-                    f"(0-based), update {u} of {updates}; the last good state is kept in {job.resume_dir}"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            epoch_loss += reduced
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, r["epochs"]):
+            first = start_update if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, first)
+            batches = iter(loader)
+            # A mid-epoch resume continues the epoch's loss sum, so the log matches an uninterrupted run.
+            epoch_loss = torch.tensor(float(extra.get("epoch_loss", 0.0)) if first else 0.0, dtype=torch.float64,
+                                      device=info.device)
+            t0 = time.perf_counter()
+            lr = lrs[epoch * updates + first]
+            stop_now = False
+            for u in range(first, updates):
+                lr = lrs[epoch * updates + u]
+                set_lr(optimizer, lr)
+                step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+                for a in range(accum):
+                    images, labels = next(batches)
+                    # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
+                    # micro-step so the run does not depend on where it was resumed.
+                    _seed_step(job.seed, "ft-step", epoch, u, a, info.rank)
+                    images = images.to(info.device, non_blocking=True)
+                    labels = labels.to(info.device, non_blocking=True)
+                    targets = labels
+                    if mixup_fn is not None:
+                        images, targets = mixup_fn(images, labels)
+                    sync = a == accum - 1 or not info.distributed
+                    with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
+                        loss = criterion(train_model(images), targets)
+                    (loss / accum).backward()
+                    step_loss += loss.detach().double() / accum
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
+                reduced, stop_now = reduce_mean_and_stop(step_loss, stop, info)
+                # The gradients are all-reduced, so the norm is the same on every rank.
+                if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
+                    raise NonFiniteLossError(
+                        f"{job.task}/{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at epoch {epoch} "
+                        f"(0-based), update {u} of {updates}; the last good state is kept in {job.resume_dir}"
+                    )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                epoch_loss += reduced
+                if bar is not None:
+                    bar.update(1)
+                    if (u + 1) % r["log_every"] == 0 or u + 1 == updates:
+                        bar.set_postfix(loss=f"{float(reduced):.4f}", lr=f"{lr:.2e}")
+                if stop_now and u + 1 < updates:  # at the epoch's end, evaluate and save first (below)
+                    state.preempt(epoch * updates + u + 1, model, optimizer,
+                                  {**best_state(), "epoch_loss": float(epoch_loss)},
+                                  f"update {u + 1} of {updates} in epoch {epoch + 1}")
+            train_time = time.perf_counter() - t0
+            done = epoch + 1
+            top1, top5, val_loss = evaluate(model, val_loader, r, info)
+            last_top1 = top1
+            if top1 > best_top1:
+                best_top1, best_top5, best_epoch = top1, top5, done
+                if info.is_main:
+                    ckpt.save_atomic(_weights(model, job, r, done, top1, num_classes), work_best)
+            record = {"epoch": done, "train_loss": float(epoch_loss) / updates, "lr": lr, "top1": top1, "top5": top5,
+                      "val_loss": val_loss,
+                      "images_per_s": (updates - first) * r["global_batch"] / max(train_time, 1e-9)}
+            logger.log(record)
             if bar is not None:
-                bar.update(1)
-                if (u + 1) % r["log_every"] == 0 or u + 1 == updates:
-                    bar.set_postfix(loss=f"{float(reduced):.4f}", lr=f"{lr:.2e}")
-        train_time = time.perf_counter() - t0
-        done = epoch + 1
-        top1, top5, val_loss = evaluate(model, val_loader, r, info)
-        last_top1 = top1
-        if top1 > best_top1:
-            best_top1, best_top5, best_epoch = top1, top5, done
-            if info.is_main:
-                ckpt.save_atomic(_weights(model, job, r, done, top1, num_classes), work_best)
-        record = {"epoch": done, "train_loss": float(epoch_loss) / updates, "lr": lr, "top1": top1, "top5": top5,
-                  "val_loss": val_loss, "images_per_s": updates * r["global_batch"] / max(train_time, 1e-9)}
-        logger.log(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", top1=f"{top1:.2f}", best=f"{best_top1:.2f}")
-        if done < r["epochs"]:
-            state.save(done, model, optimizer, {"best_top1": best_top1, "best_top5": best_top5,
-                                                "best_epoch": best_epoch, "last_top1": last_top1})
-            barrier(info)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", top1=f"{top1:.2f}", best=f"{best_top1:.2f}")
+            if done < r["epochs"]:
+                if stop_now:
+                    state.preempt(done * updates, model, optimizer, best_state(), f"epoch {done}")
+                state.save(done * updates, model, optimizer, best_state())
+                barrier(info)
     if bar is not None:
         bar.close()
 

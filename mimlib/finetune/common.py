@@ -4,10 +4,11 @@ decay, per-update lr from timm's schedulers, resumable state, and the metrics fi
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 from torch import nn
@@ -15,10 +16,13 @@ from torch import nn
 from mimlib.config import recipe_hash
 from mimlib.models.swinv2 import get_spec
 from mimlib.train import checkpoint as ckpt
-from mimlib.train.distributed import DistInfo
+from mimlib.train.distributed import DistInfo, barrier
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
+from mimlib.train.preemption import Preempted
 from mimlib.train.pretrain import autocast_context
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +69,7 @@ autocast = autocast_context  # the engines' shared precision switch (mimlib.trai
 class ResumableState:
     """Rolling checkpoints of a fine-tuning job in ``job.resume_dir`` (atomic, newest kept).
 
-    ``step`` is the engine's own unit (epoch for classification, iteration for COCO/ADE20K).
+    ``step`` counts optimiser updates (classification: across epochs, so a job can stop mid-epoch).
     """
 
     def __init__(self, job: FinetuneJob, info: DistInfo):
@@ -92,6 +96,17 @@ class ResumableState:
                  "step": step, "extra": extra},
                 self.job.resume_dir, step,
             )
+
+    def preempt(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any],
+                where: str) -> NoReturn:
+        """SIGTERM reached the job (every rank agrees, see mimlib.train.preemption): save the state
+        after ``step`` and raise :class:`Preempted` (the CLI exits 143, the rerun resumes)."""
+        self.save(step, model, optimizer, extra)
+        message = f"{self.job.task} {self.job.model}: stopped by SIGTERM after {where}; state saved in {self.job.resume_dir}"
+        if self.info.is_main:
+            log.warning(message)
+        barrier(self.info)
+        raise Preempted(message + "; rerun to resume")
 
     def finish(self) -> None:
         """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state."""

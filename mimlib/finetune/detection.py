@@ -47,7 +47,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from mimlib.data.coco import CocoInstances, collate
 from mimlib.data.pretrain_data import accumulation_steps, stable_seed
@@ -62,7 +62,8 @@ from mimlib.finetune.common import (
 )
 from mimlib.finetune.recipes import DETECTION
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
-from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.distributed import DistInfo, barrier, init_distributed
+from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
 from mimlib.train.pretrain import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -288,8 +289,8 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, recipe: Mapping[str,
     was_training = model.training
     model.eval()
     shard = list(range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=recipe["eval_batch"],
-                        num_workers=num_workers, collate_fn=collate)
+    loader = SigtermSafeDataLoader(torch.utils.data.Subset(dataset, shard), batch_size=recipe["eval_batch"],
+                                   num_workers=num_workers, collate_fn=collate)
     results: list[dict[str, Any]] = []
     for images, targets in loader:
         images = [im.to(info.device, non_blocking=True).float().div_(255) for im in images]
@@ -358,15 +359,15 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     model.to(info.device)
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)
-    start, _ = state.load(model, optimizer)
+    start, extra = state.load(model, optimizer)
 
     epoch_iters = len(train_set) // r["global_batch"]
     total = r["epochs"] * epoch_iters
     sampler = DetectionBatchSampler(len(train_set), start, max(total, start), r["global_batch"], r["micro_batch"],
                                     job.seed, info.rank, info.world_size)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate,
-                        pin_memory=info.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=2 if r["num_workers"] > 0 else None)
+    loader = SigtermSafeDataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate,
+                                   pin_memory=info.device.type == "cuda", persistent_workers=False,
+                                   prefetch_factor=2 if r["num_workers"] > 0 else None)
     logger = job_logger(job, info, start, key="iter")
     if info.is_main:
         log.info("coco %s: iterations %d -> %d (%d per epoch), encoder %s", job.model, start, total, epoch_iters,
@@ -376,8 +377,9 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
     accum = sampler.accum
-    sums: dict[str, float] = {}
-    interval_iters, interval_t0 = 0, time.perf_counter()
+    # The open log interval's sums travel in the resume state, so a resumed log matches.
+    sums: dict[str, float] = dict(extra.get("interval_sums", {}))
+    interval_iters, interval_t0 = int(extra.get("interval_iters", 0)), time.perf_counter()
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -385,51 +387,55 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         bar = tqdm(total=total, initial=start, desc=f"coco {job.model}", unit="it", dynamic_ncols=True)
     model.train()
     batches = iter(loader)
-    for k in range(start, total):
-        lr = detection_lr(k, r, epoch_iters)
-        set_lr(optimizer, lr)
-        torch.manual_seed(stable_seed(job.seed, "coco-step", k, info.rank))
-        parts = torch.zeros(6, dtype=torch.float64, device=info.device)
-        for a in range(accum):
-            images, targets = _to_device(*next(batches), info.device)
-            sync = a == accum - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
-                losses = ddp_model(images, targets)
-            loss = sum(losses.values())
-            (loss / accum).backward()
-            parts[0] += loss.detach().double() / accum
-            for i, name in enumerate(_LOSS_NAMES):
-                parts[i + 1] += losses[name].detach().double() / accum
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
-        reduced = all_reduce_sum(parts, info) / info.world_size
-        if not torch.isfinite(reduced[0]) or not torch.isfinite(gnorm):
-            raise NonFiniteLossError(
-                f"coco {job.model}: loss {float(reduced[0])} / grad norm {float(gnorm)} at iteration {k}; "
-                f"the last good state is kept in {job.resume_dir}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = k + 1
-        for i, name in enumerate(("loss",) + _LOSS_NAMES):
-            sums[name] = sums.get(name, 0.0) + float(reduced[i])
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm)
-        interval_iters += 1
-        if done % r["log_every"] == 0 or done == total:
-            elapsed = time.perf_counter() - interval_t0
-            record = {"iter": done, "epoch": done / epoch_iters, "lr": lr,
-                      **{n: v / interval_iters for n, v in sums.items()},
-                      "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)}
-            logger.log(record)
+    with StopRequest() as stop:
+        for k in range(start, total):
+            lr = detection_lr(k, r, epoch_iters)
+            set_lr(optimizer, lr)
+            torch.manual_seed(stable_seed(job.seed, "coco-step", k, info.rank))
+            parts = torch.zeros(6, dtype=torch.float64, device=info.device)
+            for a in range(accum):
+                images, targets = _to_device(*next(batches), info.device)
+                sync = a == accum - 1 or not info.distributed
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
+                    losses = ddp_model(images, targets)
+                loss = sum(losses.values())
+                (loss / accum).backward()
+                parts[0] += loss.detach().double() / accum
+                for i, name in enumerate(_LOSS_NAMES):
+                    parts[i + 1] += losses[name].detach().double() / accum
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
+            reduced, stop_now = reduce_mean_and_stop(parts, stop, info)
+            if not torch.isfinite(reduced[0]) or not torch.isfinite(gnorm):
+                raise NonFiniteLossError(
+                    f"coco {job.model}: loss {float(reduced[0])} / grad norm {float(gnorm)} at iteration {k}; "
+                    f"the last good state is kept in {job.resume_dir}"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = k + 1
+            for i, name in enumerate(("loss",) + _LOSS_NAMES):
+                sums[name] = sums.get(name, 0.0) + float(reduced[i])
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm)
+            interval_iters += 1
+            if done % r["log_every"] == 0 or done == total:
+                elapsed = time.perf_counter() - interval_t0
+                record = {"iter": done, "epoch": done / epoch_iters, "lr": lr,
+                          **{n: v / interval_iters for n, v in sums.items()},
+                          "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)}
+                logger.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                sums.clear()
+                interval_iters, interval_t0 = 0, time.perf_counter()
+            interval_state = {"interval_sums": dict(sums), "interval_iters": interval_iters}
+            if stop_now and done < total:
+                state.preempt(done, model, optimizer, interval_state, f"iteration {done} of {total}")
+            if done % r["checkpoint_every"] == 0 or done == total:
+                # also at the end: a job that fails in evaluation resumes straight to it
+                state.save(done, model, optimizer, interval_state)
+                barrier(info)
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-            sums.clear()
-            interval_iters, interval_t0 = 0, time.perf_counter()
-        if done % r["checkpoint_every"] == 0 or done == total:
-            # also at the end: a job that fails in evaluation resumes straight to it
-            state.save(done, model, optimizer, {})
-            barrier(info)
-        if bar is not None:
-            bar.update(1)
+                bar.update(1)
     if bar is not None:
         bar.close()
     del batches, loader

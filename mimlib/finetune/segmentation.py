@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from mimlib.data.ade20k import IGNORE_INDEX, ADE20KTrain, ADE20KVal, _first, collate_train
 from mimlib.data.pretrain_data import GlobalBatchSampler, stable_seed
@@ -59,6 +58,7 @@ from mimlib.models.attention import use_fused_attention
 from mimlib.finetune.recipes import SEGMENTATION
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
 from mimlib.train.pretrain import NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def evaluate(model: SegmentationModel, root: str | Path, recipe: dict[str, Any],
     """Sliding-window evaluation over the (rank-sharded) validation split, at original resolution."""
     dataset = ADE20KVal(root, recipe, max_images=recipe.get("eval_max_images"))
     shard = torch.utils.data.Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
-    loader = DataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
+    loader = SigtermSafeDataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
     was_training = model.training
     model.eval()
     conf = ConfusionMatrix(recipe["num_classes"], device=info.device)
@@ -268,14 +268,14 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     model.to(info.device)
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)
-    start, _ = state.load(model, optimizer)
+    start, extra = state.load(model, optimizer)
     logger = job_logger(job, info, start, key="iter")
     if info.is_main:
         log.info("%s %s: iterations %d -> %d (encoder: %s)", TASK, job.model, start, r["iters"], load_info["format"])
 
     dataset = ADE20KTrain(root, r, job.seed, max_images=r.get("train_max_images"))
     sampler = GlobalBatchSampler(start, r["iters"], r["global_batch"], r["micro_batch"], info.rank, info.world_size)
-    loader = DataLoader(
+    loader = SigtermSafeDataLoader(
         dataset, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate_train,
         pin_memory=info.device.type == "cuda", prefetch_factor=4 if r["num_workers"] > 0 else None,
     )
@@ -292,8 +292,9 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         logger.log({"iter": done, "val_miou": result["miou"], "val_acc": result["acc"]})
         return result
 
-    interval = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, aux loss, grad norm
-    interval_iters, t0 = 0, time.perf_counter()
+    # loss, aux loss, grad norm summed over the open log interval (kept in the resume state)
+    interval = torch.tensor(extra.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64, device=info.device)
+    interval_iters, t0 = int(extra.get("interval_iters", 0)), time.perf_counter()
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -301,55 +302,59 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         bar = tqdm(total=r["iters"], initial=start, desc=f"{TASK} {job.model}", unit="it", dynamic_ncols=True)
     model.train()
     batches = iter(loader)
-    for k in range(start, r["iters"]):
-        lr = lr_at(k, r)
-        set_lr(optimizer, lr)
-        # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
-        torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
-        step = torch.zeros(2, dtype=torch.float64, device=info.device)
-        for a in range(accum):
-            batch = next(batches)
-            images = batch["image"].to(info.device, non_blocking=True)
-            labels = batch["label"].to(info.device, non_blocking=True)
-            sync = a == accum - 1 or not info.distributed
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
-                out = ddp_model(images)
-                logits, aux = (out if isinstance(out, tuple) else (out, None))
-                main = seg_loss(logits, labels)
-                aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=info.device)
-                loss = main + aux_weight * aux_loss
-            (loss / accum).backward()
-            step[0] += main.detach().double() / accum
-            step[1] += aux_loss.detach().double() / accum
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
-        reduced = all_reduce_sum(step.clone(), info) / info.world_size
-        if not bool(torch.isfinite(reduced).all()) or not bool(torch.isfinite(gnorm)):
-            raise NonFiniteLossError(
-                f"{TASK} {job.model}: loss {reduced.tolist()} / grad norm {float(gnorm)} at iteration {k}; "
-                f"the last good state is kept in {job.resume_dir}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = k + 1
-        interval[:2] += reduced
-        interval[2] += gnorm.double()
-        interval_iters += 1
-        if done % r["log_every"] == 0 or done == r["iters"]:
-            elapsed = time.perf_counter() - t0
-            vals = (interval / interval_iters).tolist()
-            logger.log({"iter": done, "loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[2], "lr": lr,
-                        "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)})
+    with StopRequest() as stop:
+        for k in range(start, r["iters"]):
+            lr = lr_at(k, r)
+            set_lr(optimizer, lr)
+            # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
+            torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
+            step = torch.zeros(2, dtype=torch.float64, device=info.device)
+            for a in range(accum):
+                batch = next(batches)
+                images = batch["image"].to(info.device, non_blocking=True)
+                labels = batch["label"].to(info.device, non_blocking=True)
+                sync = a == accum - 1 or not info.distributed
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
+                    out = ddp_model(images)
+                    logits, aux = (out if isinstance(out, tuple) else (out, None))
+                    main = seg_loss(logits, labels)
+                    aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=info.device)
+                    loss = main + aux_weight * aux_loss
+                (loss / accum).backward()
+                step[0] += main.detach().double() / accum
+                step[1] += aux_loss.detach().double() / accum
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
+            reduced, stop_now = reduce_mean_and_stop(step, stop, info)
+            if not bool(torch.isfinite(reduced).all()) or not bool(torch.isfinite(gnorm)):
+                raise NonFiniteLossError(
+                    f"{TASK} {job.model}: loss {reduced.tolist()} / grad norm {float(gnorm)} at iteration {k}; "
+                    f"the last good state is kept in {job.resume_dir}"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = k + 1
+            interval[:2] += reduced
+            interval[2] += gnorm.double()
+            interval_iters += 1
+            if done % r["log_every"] == 0 or done == r["iters"]:
+                elapsed = time.perf_counter() - t0
+                vals = (interval / interval_iters).tolist()
+                logger.log({"iter": done, "loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[2], "lr": lr,
+                            "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}")
+                interval.zero_()
+                interval_iters, t0 = 0, time.perf_counter()
+            if eval_every and done % eval_every == 0 and done < r["iters"]:
+                last_eval = run_eval(done)
+            interval_state = {"interval": interval.tolist(), "interval_iters": interval_iters}
+            if stop_now and done < r["iters"]:
+                state.preempt(done, model, optimizer, interval_state, f"iteration {done} of {r['iters']}")
+            if r["checkpoint_every"] and done % r["checkpoint_every"] == 0 and done < r["iters"]:
+                state.save(done, model, optimizer, interval_state)
+                barrier(info)
             if bar is not None:
-                bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}")
-            interval.zero_()
-            interval_iters, t0 = 0, time.perf_counter()
-        if eval_every and done % eval_every == 0 and done < r["iters"]:
-            last_eval = run_eval(done)
-        if r["checkpoint_every"] and done % r["checkpoint_every"] == 0 and done < r["iters"]:
-            state.save(done, model, optimizer, {})
-            barrier(info)
-        if bar is not None:
-            bar.update(1)
+                bar.update(1)
     if bar is not None:
         bar.close()
     last_eval = run_eval(r["iters"])

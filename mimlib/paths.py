@@ -19,14 +19,20 @@ PRETRAIN_SUMMARY = "pretrain/summary.csv"
 PRETRAIN_CURVES = "pretrain/curves.parquet"
 # Rolling checkpoints of jobs in progress: outside every declared output, so Snakemake never
 # deletes them when a job dies, and the rerun resumes from them.
-RESUME = ".resume/pretrain/{model}/{dataset}/{job}"
+# They live under the config's resume_root (default <results>/.resume, see resume_root()).
+RESUME = "pretrain/{model}/{dataset}/{job}"
 
 
 def at(results: str | Path, pattern: str, **wildcards: object) -> Path:
     return Path(results) / pattern.format(**wildcards)
 
+
+def resume_root(cfg: dict) -> Path:
+    """The folder of rolling resume state: ``resume_root`` if set, else ``<results>/.resume``."""
+    return Path(cfg.get("resume_root") or Path(cfg["results"]) / ".resume")
+
 DEMO_TASK = "demo/{task}"  # generated fine-tuning sets (iNat json, COCO json, ADE20K PNGs)
 FINETUNE_METRICS = "finetune/{task}/{model}/{dataset}/{length}/metrics.json"
 FINETUNE_SUMMARY = "finetune/summary.csv"
-FINETUNE_RESUME = ".resume/finetune/{task}/{model}/{dataset}/{length}"
+FINETUNE_RESUME = "finetune/{task}/{model}/{dataset}/{length}"
 SCRATCH = "scratch"  # the dataset name of from-scratch baselines (length 0)

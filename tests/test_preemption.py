@@ -69,3 +69,14 @@ def test_stop_flag_rides_on_the_loss_reduction() -> None:
         assert mean.tolist() == [1.5, 2.0] and not now
         stop.requested = True
         assert reduce_mean_and_stop(torch.tensor(3.0), stop, info)[1]
+
+
+def test_a_save_cut_off_by_sigkill_is_ignored_then_cleaned_up(tmp_path) -> None:
+    from mimlib.train import checkpoint as ckpt
+
+    ckpt.save_rolling({"step": 1}, tmp_path, 1)
+    stale = tmp_path / ".iter_000000002.pt.tmp4242"  # what a killed save_atomic leaves
+    stale.write_bytes(b"half a checkpoint")
+    assert [i for i, _ in ckpt.rolling_checkpoints(tmp_path)] == [1]
+    ckpt.save_rolling({"step": 3}, tmp_path, 3)
+    assert not stale.exists() and [i for i, _ in ckpt.rolling_checkpoints(tmp_path)] == [1, 3]

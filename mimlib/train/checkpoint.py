@@ -59,4 +59,7 @@ def save_rolling(obj: Any, folder: str | Path, iteration: int, keep: int = 2) ->
     save_atomic(obj, path)
     for _, old in rolling_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
+    # A save that SIGKILL cut off (e.g. past Slurm's KillWait) leaves its temporary file behind.
+    for stale in Path(folder).glob(".iter_*.pt.tmp*"):
+        stale.unlink(missing_ok=True)
     return path

@@ -37,5 +37,10 @@ def res(pattern, **wildcards):
     return f"{RESULTS}/{pattern.format(**wildcards) if wildcards else pattern}"
 
 
+def resume(pattern, **wildcards):
+    """A job's rolling resume state (under the config's resume_root; never a declared output)."""
+    return str(P.resume_root(CFG) / pattern.format(**wildcards))
+
+
 def quoted_json(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))

@@ -78,7 +78,7 @@ rule finetune:
         cell=lambda wc: quoted_json({"model": wc.model, "dataset": wc.ftdataset, "length": int(wc.length)}),
         checkpoint=lambda wc, input: f"--checkpoint {input.ckpt}" if "ckpt" in input.keys() else "",
         out_dir=lambda wc: res("finetune/{task}/{model}/{ftdataset}/{length}".format(**wc)),
-        resume=lambda wc: res(P.FINETUNE_RESUME, task=wc.task, model=wc.model, dataset=wc.ftdataset, length=wc.length),
+        resume=lambda wc: resume(P.FINETUNE_RESUME, task=wc.task, model=wc.model, dataset=wc.ftdataset, length=wc.length),
         seed=CFG["seed"],
         launch=lambda wc, resources: launch(resources),
     threads: finetune_threads

@@ -72,7 +72,7 @@ rule pretrain_trunk:
     params:
         common=pretrain_common_args,
         init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
-        resume=lambda wc: res(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"trunk_{wc.iter}"),
+        resume=lambda wc: resume(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"trunk_{wc.iter}"),
         launch=lambda wc, resources: launch(resources),
     threads: pretrain_threads
     resources:
@@ -98,7 +98,7 @@ rule pretrain_branch:
         common=pretrain_common_args,
         decay_at=lambda wc: int(wc.length) * 7 // 8,
         cell=lambda wc: quoted_json({"model": wc.model, "dataset": wc.dataset, "length": int(wc.length)}),
-        resume=lambda wc: res(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"branch_{wc.length}"),
+        resume=lambda wc: resume(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"branch_{wc.length}"),
         launch=lambda wc, resources: launch(resources),
     threads: pretrain_threads
     resources:

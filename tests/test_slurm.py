@@ -6,7 +6,9 @@ study (1 dataset x 1 length, CPU training jobs as 2 gloo ranks started by srun i
 batch step: resources.cpu_tasks = 2 -> mpi="srun") with the workflow profile
 (profiles/default, picked up automatically) plus the test's cluster profile
 (tests/slurm/profile), and checks that every job went through Slurm and that training ran as
-2 ranks. Needs root and Debian's Slurm + munge + the plugin: tests/slurm/install.sh. Without
+2 ranks; a second test scancels a 2-rank training job (SIGTERM to every process of it) and
+checks that it saved, and that a resubmitted job resumes to the uninterrupted run's weights.
+Needs root and Debian's Slurm + munge + the plugin: tests/slurm/install.sh. Without
 them the test is skipped, unless MIMSCALE_REQUIRE_SLURM=1 (CI), where it fails instead.
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,3 +204,81 @@ def test_smoke_study_on_slurm(slurm_cluster, tmp_path: Path, record_property) ->
         assert re.search(rf"launch task StepId={j}\.0 ", slurmd_log), f"no srun step in job {j}\n{_daemon_logs(scratch)}"
         info = subprocess.run(["scontrol", "show", "job", str(j)], capture_output=True, text=True, timeout=30).stdout
         assert re.search(r"\bNumTasks=2\b", info), info
+
+
+def _wait_state(jobid: str, states: tuple[str, ...], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-t", "all", "-j", jobid, "-o", "%T"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        if state in states:
+            return state
+        time.sleep(0.2)
+    return state
+
+
+def test_scancel_saves_state_and_a_resubmitted_job_resumes(slurm_cluster, tmp_path: Path, tiny_data: dict,
+                                                           tiny_recipe: dict) -> None:
+    """scancel (what a time limit or preemption does too): Slurm sends SIGTERM to every process of
+    the 2-rank job (srun ranks and their loader workers); the ranks agree to stop, rank 0 saves,
+    both exit 143. The same command, submitted again, resumes from that state and ends with the
+    same weights as an uninterrupted 2-rank run (started by launch.sh outside Slurm: torchrun)."""
+    from mimlib.train import checkpoint as ckpt
+    from mimlib.train.pretrain import PretrainJob
+
+    if slurm_cluster["cpus"] < 2:
+        pytest.fail("the Slurm test needs a machine with >= 2 CPUs (2 ranks x 1 CPU)", pytrace=False)
+    end = 48
+    recipe = {**tiny_recipe, "drop_path": 0.0, "checkpoint_every": 1000, "log_every": 1, "val_every": 1000}
+
+    def job(name: str, r: dict) -> PretrainJob:
+        return PretrainJob(model="swinv2_pico", recipe=r, manifest=tiny_data["manifest"], end_iter=end,
+                           out=tmp_path / f"{name}.pt", log_out=tmp_path / f"{name}.jsonl",
+                           resume_dir=tmp_path / "resume" / name)
+
+    def command(j: PretrainJob) -> list[str]:
+        return [str(ROOT / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "pretrain", "--model", j.model,
+                "--recipe-json", json.dumps(j.recipe), "--manifest", str(j.manifest), "--end-iter", str(end),
+                "--out", str(j.out), "--log-out", str(j.log_out), "--resume-dir", str(j.resume_dir),
+                "--device", "cpu", "--no-progress"]
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    two_ranks = {**recipe, "micro_batch": 2, "num_workers": 1}  # 2 ranks x micro 2 x 2 accumulation
+    reference = job("reference", two_ranks)
+    subprocess.run(command(reference), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    ranks = job("ranks", two_ranks)
+    wrap = " ".join(map(shlex.quote, command(ranks)))
+
+    def submit(name: str) -> str:
+        return subprocess.run(
+            ["sbatch", "--parsable", "-p", "test", "-N", "1", "-n", "2", "-c", "1", "--mem", "1000", "-t", "10",
+             "-J", name, "-o", str(tmp_path / f"{name}.out"), "--chdir", str(ROOT), "--wrap", wrap],
+            capture_output=True, text=True, timeout=60, env=env, check=True).stdout.strip().split(";")[0]
+
+    first = submit("preempted")
+    work_log = ranks.resume_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (work_log.exists() and len(work_log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    assert work_log.exists(), f"the job never trained\n{_tail(tmp_path / 'preempted.out')}\n{_daemon_logs(slurm_cluster['scratch'])}"
+    subprocess.run(["scancel", first], check=True, timeout=30)
+    state = _wait_state(first, ("CANCELLED", "COMPLETED", "FAILED"), 120)
+    out = (tmp_path / "preempted.out").read_text(errors="replace")
+    assert state == "CANCELLED", f"{state}\n{out[-3000:]}"
+    assert out.count("preempted: stopped by SIGTERM after iteration") == 2, out[-3000:]  # both ranks, same text
+    assert "DataLoader worker" not in out, out[-3000:]
+    saved = ckpt.rolling_checkpoints(ranks.resume_dir)
+    assert len(saved) == 1 and 0 < saved[0][0] < end, (saved, out[-3000:])
+    stopped_at = saved[0][0]
+    assert f"after iteration {stopped_at};" in out
+
+    second = submit("resumed")
+    state = _wait_state(second, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300)
+    out = (tmp_path / "resumed.out").read_text(errors="replace")
+    assert state == "COMPLETED", f"{state}\n{out[-3000:]}"
+    assert re.search(rf"iterations {stopped_at} -> {end} from .*iter_0*{stopped_at}\.pt", out), out[-3000:]
+    a, b = ckpt.load(reference.out)["model"], ckpt.load(ranks.out)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

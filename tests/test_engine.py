@@ -16,7 +16,8 @@ import torch
 
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import read_jsonl
-from mimlib.train.pretrain import NonFiniteLossError, PretrainJob, TooManyCorruptImagesError, run_pretrain
+from mimlib.train.pretrain import PretrainJob, TooManyCorruptImagesError, run_pretrain
+from mimlib.train.step import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 

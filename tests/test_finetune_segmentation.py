@@ -18,7 +18,7 @@ from mimlib.finetune.common import FinetuneJob, build_optimizer
 from mimlib.models.simmim import build_simmim
 from mimlib.models.upernet import ENCODER_PREFIX, build_upernet
 from mimlib.train import checkpoint as ckpt
-from mimlib.train.pretrain import NonFiniteLossError
+from mimlib.train.step import NonFiniteLossError
 
 # A tiny demo-scale recipe: 128 px crops, window 8, 32-channel heads.
 TINY = dict(

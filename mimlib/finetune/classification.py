@@ -66,8 +66,8 @@ from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import copy_atomic
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.pretrain import NonFiniteLossError
 from mimlib.train.schedule import scaled_lr
+from mimlib.train.step import NonFiniteLossError, checked_step
 
 log = logging.getLogger(__name__)
 
@@ -332,13 +332,8 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
                 reduced, stop_now = reduce_mean_and_stop(step_loss, stop, info)
                 # The gradients are all-reduced, so the norm is the same on every rank.
-                if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
-                    raise NonFiniteLossError(
-                        f"{job.task}/{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at epoch {epoch} "
-                        f"(0-based), update {u} of {updates}; the last good state is kept in {job.resume_dir}"
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                checked_step(optimizer, reduced, gnorm, f"{job.task}/{job.model}",
+                             f"epoch {epoch} (0-based), update {u} of {updates}", job.resume_dir)
                 epoch_loss += reduced
                 if bar is not None:
                     bar.update(1)

@@ -64,7 +64,7 @@ from mimlib.finetune.recipes import DETECTION
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
 from mimlib.train.distributed import DistInfo, barrier, init_distributed
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.pretrain import NonFiniteLossError
+from mimlib.train.step import checked_step
 
 log = logging.getLogger(__name__)
 
@@ -405,13 +405,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                     parts[i + 1] += losses[name].detach().double() / accum
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
             reduced, stop_now = reduce_mean_and_stop(parts, stop, info)
-            if not torch.isfinite(reduced[0]) or not torch.isfinite(gnorm):
-                raise NonFiniteLossError(
-                    f"coco {job.model}: loss {float(reduced[0])} / grad norm {float(gnorm)} at iteration {k}; "
-                    f"the last good state is kept in {job.resume_dir}"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            checked_step(optimizer, reduced, gnorm, f"coco {job.model}", f"iteration {k}", job.resume_dir)
             done = k + 1
             for i, name in enumerate(("loss",) + _LOSS_NAMES):
                 sums[name] = sums.get(name, 0.0) + float(reduced[i])

@@ -59,7 +59,7 @@ from mimlib.finetune.recipes import SEGMENTATION
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.pretrain import NonFiniteLossError
+from mimlib.train.step import checked_step
 
 log = logging.getLogger(__name__)
 
@@ -325,13 +325,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                 step[1] += aux_loss.detach().double() / accum
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
             reduced, stop_now = reduce_mean_and_stop(step, stop, info)
-            if not bool(torch.isfinite(reduced).all()) or not bool(torch.isfinite(gnorm)):
-                raise NonFiniteLossError(
-                    f"{TASK} {job.model}: loss {reduced.tolist()} / grad norm {float(gnorm)} at iteration {k}; "
-                    f"the last good state is kept in {job.resume_dir}"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            checked_step(optimizer, reduced, gnorm, f"{TASK} {job.model}", f"iteration {k}", job.resume_dir)
             done = k + 1
             interval[:2] += reduced
             interval[2] += gnorm.double()

@@ -38,12 +38,9 @@ from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
 from mimlib.train.preemption import Preempted, SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
 from mimlib.train.schedule import scaled_lr, step_lr
+from mimlib.train.step import checked_step
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the last good rolling checkpoint is kept."""
 
 
 class TooManyCorruptImagesError(RuntimeError):
@@ -293,13 +290,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             # One reduction carries the loss and "a rank was asked to stop" (SIGTERM), so every
             # rank stops after the same iteration.
             reduced, stop_now = reduce_mean_and_stop(step_loss, stop, info)
-            if not torch.isfinite(reduced) or not torch.isfinite(gnorm):
-                raise NonFiniteLossError(
-                    f"{job.model}: loss {float(reduced)} / grad norm {float(gnorm)} at iteration {k}; "
-                    f"the last good checkpoint is kept in {job.resume_dir}"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            checked_step(optimizer, reduced, gnorm, job.model, f"iteration {k}", job.resume_dir)
             done = k + 1
             interval_loss += reduced
             interval_gnorm += gnorm.double()

@@ -71,6 +71,50 @@ def probe_kernels() -> None:
     print(f"default dispatch, bias as used: {timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).float().sum().backward()):.2f} ms")
 
 
+def probe_model_calls() -> None:
+    """Every distinct SDPA call of a SwinV2-B SimMIM step: shapes, strides, dtypes, and whether
+    the memory-efficient kernel accepts it (PyTorch's reason when not)."""
+    from bench_pretrain import synthetic_batch
+
+    from mimlib.models.attention import use_fused_attention
+    from mimlib.models.simmim import build_simmim
+
+    dev = torch.device("cuda")
+    model = build_simmim("swinv2_b", img_size=192, window_size=12, drop_path_rate=0.1).to(dev)
+    use_fused_attention(model)
+    images, masks = synthetic_batch(8, 192, dev, 0)
+    original = F.scaled_dot_product_attention
+    seen: dict[str, int] = {}
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        sig = " ".join(f"{n}{tuple(t.shape)}/{t.stride()}/{str(t.dtype)[6:]}/g{int(t.requires_grad)}"
+                       for n, t in (("q", q), ("k", k), ("v", v), ("m", attn_mask)) if t is not None)
+        if sig not in seen:
+            seen[sig] = 0
+            clones = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+                      for t in (q, k, v, attn_mask)]
+            with warnings.catch_warnings(record=True) as caught, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                warnings.simplefilter("always")
+                try:
+                    original(clones[0], clones[1], clones[2], attn_mask=clones[3], **kw)
+                    verdict = "efficient OK"
+                except RuntimeError:
+                    verdict = "efficient REFUSED: " + " / ".join(
+                        str(w.message).split("(Triggered")[0].strip() for w in caught)
+            print(f"{sig}\n    -> {verdict}", flush=True)
+        seen[sig] += 1
+        return original(q, k, v, attn_mask=attn_mask, **kw)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(images, masks)
+        loss.backward()
+    finally:
+        F.scaled_dot_product_attention = original
+    print("calls per signature:", list(seen.values()))
+
+
 def profile_step() -> None:
     from bench_pretrain import synthetic_batch
 
@@ -101,8 +145,11 @@ def profile_step() -> None:
 
 def main() -> int:
     print(torch.cuda.get_device_name(0), torch.__version__, flush=True)
-    probe_kernels()
-    profile_step()
+    if "--calls-only" not in sys.argv:
+        probe_kernels()
+    probe_model_calls()
+    if "--calls-only" not in sys.argv:
+        profile_step()
     return 0
 
 

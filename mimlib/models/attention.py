@@ -36,7 +36,9 @@ class FusedWindowAttention(WindowAttention):
         q = (F.normalize(q, dim=-1) * scale).to(v.dtype)
         k = F.normalize(k, dim=-1).to(v.dtype)
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        rpb = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        # contiguous: GPU kernels need the bias's last dimension at stride 1; the permuted view
+        # has stride num_heads, which sent every unshifted block to the (fp32) math kernel.
+        rpb = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
         rpb = 16 * torch.sigmoid(rpb)  # (heads, N, N)
         if mask is None:
             attn_bias = rpb.unsqueeze(0).to(q.dtype)

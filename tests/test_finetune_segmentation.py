@@ -247,6 +247,29 @@ def test_sigterm_saves_and_the_rerun_matches(tmp_path: Path, ade_root: Path, mon
     assert timeless(tmp_path / "term" / "log.jsonl") == timeless(tmp_path / "ref" / "log.jsonl")
 
 
+@pytest.mark.slow
+def test_two_cpu_ranks_train_without_sync_bn(tmp_path: Path, ade_root: Path) -> None:
+    """2 gloo ranks through launch.sh, sync_bn on (the default): PyTorch's SyncBatchNorm refuses
+    CPU tensors, so on CPU the heads keep per-rank BN statistics and say so, instead of failing."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    job = _job(tmp_path, ade_root, "ddp", global_batch=4, micro_batch=2, iters=2, sync_bn=True)
+    cmd = [str(root / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "finetune", "--task", "ade20k",
+           "--model", job.model, "--recipe-json", json.dumps(job.recipe), "--data-json", json.dumps(job.data),
+           "--out-dir", str(job.out_dir), "--resume-dir", str(job.resume_dir), "--device", "cpu", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SyncBatchNorm needs GPUs" in proc.stderr
+    record = json.loads((job.out_dir / "metrics.json").read_text())
+    assert record["world_size"] == 2 and 0.0 <= record["metrics"]["acc"] <= 1.0
+    logs = [json.loads(line) for line in (job.out_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in logs if "loss" in r] == [1, 2] and all(math.isfinite(r["loss"]) for r in logs if "loss" in r)
+
+
 # (f) ---------------------------------------------------------------------------------------
 def test_layer_decay_groups_head_at_one_patch_embed_at_decay_power() -> None:
     model, _ = build_upernet("swinv2_pico", None, 4, img_size=128, window_size=8, drop_path=0.0, channels=16,

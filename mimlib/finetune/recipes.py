@@ -135,7 +135,7 @@ SEGMENTATION: dict[str, Any] = {
     "aux_channels": 256,
     "aux_weight": 0.4,
     "dropout": 0.1,
-    "sync_bn": True,  # SyncBatchNorm in the heads under DDP (mmseg); no effect in one process
+    "sync_bn": True,  # SyncBatchNorm in the heads under DDP on GPUs (mmseg); no effect in one process or on CPU
     # --- engineering ---
     "fused_attention": True,  # window attention through SDPA (mimlib.models.attention)
     "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU

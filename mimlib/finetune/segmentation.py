@@ -264,7 +264,10 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     root = Path(job.data["root"])
     model, load_info = build_model(job)
     if info.distributed and r.get("sync_bn"):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if info.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif info.is_main:  # PyTorch's SyncBatchNorm refuses CPU tensors (gloo ranks)
+            log.warning("sync_bn: SyncBatchNorm needs GPUs; on CPU each rank keeps its own BN statistics")
     model.to(info.device)
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)

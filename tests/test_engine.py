@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from launching import mimlib_cmd, pretrain_args, rank_free_env
 
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import read_jsonl
@@ -75,15 +75,7 @@ def test_trunk_plus_branch_equals_uninterrupted(tmp_path: Path, tiny_data: dict,
 
 
 def _cli(j: PretrainJob) -> list[str]:
-    cmd = [
-        sys.executable, "-m", "mimlib", "pretrain", "--model", j.model, "--recipe-json", json.dumps(j.recipe),
-        "--manifest", str(j.manifest), "--end-iter", str(j.end_iter), "--out", str(j.out),
-        "--log-out", str(j.log_out), "--resume-dir", str(j.resume_dir), "--val-index", str(j.val_index),
-        "--no-progress",
-    ]
-    if j.decay_at is not None:
-        cmd += ["--decay-at", str(j.decay_at)]
-    return cmd
+    return mimlib_cmd(pretrain_args(j))
 
 
 def test_killed_job_resumes_to_the_same_weights(tmp_path: Path, tiny_data: dict, tiny_recipe: dict) -> None:
@@ -193,10 +185,9 @@ def test_ddp_two_processes_match_one(tmp_path: Path, tiny_data: dict, tiny_recip
     single = job(tmp_path, tiny_data, recipe, "single", 6, None)
     run_pretrain(single, progress=False)
     ddp = job(tmp_path, tiny_data, {**recipe, "micro_batch": 2}, "ddp", 6, None)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
     # launched the way the workflow launches a 2-rank job (torchrun here, srun inside Slurm)
-    cmd = [str(ROOT / "workflow/scripts/launch.sh"), "1", "2", sys.executable] + _cli(ddp)[3:]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(mimlib_cmd(pretrain_args(ddp), ranks=2), cwd=ROOT, env=rank_free_env(), check=True,
+                   capture_output=True, timeout=300)
     a, b = losses(single.log_out), losses(ddp.log_out)
     assert a.keys() == b.keys()
     for it in a:

@@ -8,12 +8,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from launching import finetune_args, mimlib_cmd, rank_free_env
 
 from mimlib.data.classification import load_classification_splits, read_inat_split
 from mimlib.data.demo_inat import InatDemoSpec, train_counts, write_inat_demo
@@ -282,9 +283,7 @@ def test_cli_exits_143_on_sigterm_to_the_process_group_and_resumes(tmp_path: Pat
     data = _in1k_data(tiny_data)
     cls.run(_job(tmp_path, "full", "in1k", data, recipe, None), progress=False)
     job = _job(tmp_path, "term", "in1k", data, {**recipe, "num_workers": 2}, None)
-    cmd = [sys.executable, "-m", "mimlib", "finetune", "--task", "in1k", "--model", job.model,
-           "--recipe-json", json.dumps(job.recipe), "--data-json", json.dumps(data), "--out-dir", str(job.out_dir),
-           "--resume-dir", str(job.resume_dir), "--device", "cpu", "--no-progress"]
+    cmd = mimlib_cmd(finetune_args(job))
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -318,11 +317,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, tiny_data: dict) -> No
     cls.run(_job(tmp_path, "single", "in1k", data, recipe, None), progress=False)
     ddp = _job(tmp_path, "ddp", "in1k", data, {**recipe, "micro_batch": 2}, None)
     root = Path(__file__).resolve().parents[1]
-    cmd = [str(root / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "finetune", "--task", "in1k",
-           "--model", ddp.model, "--recipe-json", json.dumps(ddp.recipe), "--data-json", json.dumps(data),
-           "--out-dir", str(ddp.out_dir), "--resume-dir", str(ddp.resume_dir), "--device", "cpu", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(mimlib_cmd(finetune_args(ddp), ranks=2), cwd=root, env=rank_free_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_jsonl(tmp_path / "single" / "log.jsonl"), read_jsonl(ddp.out_dir / "log.jsonl")
     assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], rel=1e-5)

@@ -402,19 +402,15 @@ def test_sigterm_mid_interval_saves_and_the_rerun_matches(coco_demo: Path, tmp_p
 def test_two_cpu_ranks_train_and_evaluate(coco_demo: Path, tmp_path: Path) -> None:
     """2 gloo ranks through launch.sh (as a 2-GPU Slurm job starts them): each trains on its shard
     of every global batch, predictions of both ranks' val shards are gathered and scored once."""
-    import os
     import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[1]
+    from launching import ROOT, finetune_args, mimlib_cmd, rank_free_env
+
     out, resume = tmp_path / "out", tmp_path / "resume"
-    recipe = dict(TINY, global_batch=4, micro_batch=1)  # 2 ranks x 1 x 2 accumulation
-    cmd = [str(root / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "finetune", "--task", "coco",
-           "--model", "swinv2_pico", "--recipe-json", json.dumps(recipe), "--data-json",
-           json.dumps({k: str(v) for k, v in coco_paths(coco_demo).items()}), "--out-dir", str(out),
-           "--resume-dir", str(resume), "--device", "cpu", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    job = FinetuneJob(task="coco", model="swinv2_pico", recipe=dict(TINY, global_batch=4, micro_batch=1),  # 2 x 1 x 2
+                      data=coco_paths(coco_demo), out_dir=out, resume_dir=resume, device="cpu")
+    proc = subprocess.run(mimlib_cmd(finetune_args(job), ranks=2), cwd=ROOT, env=rank_free_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "metrics.json").read_text())
     assert record["world_size"] == 2 and record["iterations"] == 6

@@ -251,17 +251,15 @@ def test_sigterm_saves_and_the_rerun_matches(tmp_path: Path, ade_root: Path, mon
 def test_two_cpu_ranks_train_without_sync_bn(tmp_path: Path, ade_root: Path) -> None:
     """2 gloo ranks through launch.sh, sync_bn on (the default): PyTorch's SyncBatchNorm refuses
     CPU tensors, so on CPU the heads keep per-rank BN statistics and say so, instead of failing."""
-    import os
+    import dataclasses
     import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[1]
+    from launching import ROOT, finetune_args, mimlib_cmd, rank_free_env
+
     job = _job(tmp_path, ade_root, "ddp", global_batch=4, micro_batch=2, iters=2, sync_bn=True)
-    cmd = [str(root / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "finetune", "--task", "ade20k",
-           "--model", job.model, "--recipe-json", json.dumps(job.recipe), "--data-json", json.dumps(job.data),
-           "--out-dir", str(job.out_dir), "--resume-dir", str(job.resume_dir), "--device", "cpu", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_"))}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    job = dataclasses.replace(job, device="cpu")
+    proc = subprocess.run(mimlib_cmd(finetune_args(job), ranks=2), cwd=ROOT, env=rank_free_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SyncBatchNorm needs GPUs" in proc.stderr
     record = json.loads((job.out_dir / "metrics.json").read_text())

@@ -32,6 +32,8 @@ import pytest
 import torch
 import yaml
 
+from launching import mimlib_cmd, pretrain_args, rank_free_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "tests" / "slurm"
 SKIP_MSG = "Slurm is not installed: run tests/slurm/install.sh (CI does)"
@@ -143,9 +145,7 @@ def test_smoke_study_on_slurm(slurm_cluster, tmp_path: Path, record_property) ->
            *_fit_light_rules(slurm_cluster)]
     # sbatch --export=ALL passes this environment into the jobs: no Slurm or torchrun variables
     # from an outer job (MASTER_PORT would be shared by every job; RANK would override srun's).
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env = rank_free_env()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -235,17 +235,12 @@ def test_scancel_saves_state_and_a_resubmitted_job_resumes(slurm_cluster, tmp_pa
     def job(name: str, r: dict) -> PretrainJob:
         return PretrainJob(model="swinv2_pico", recipe=r, manifest=tiny_data["manifest"], end_iter=end,
                            out=tmp_path / f"{name}.pt", log_out=tmp_path / f"{name}.jsonl",
-                           resume_dir=tmp_path / "resume" / name)
+                           resume_dir=tmp_path / "resume" / name, device="cpu")
 
     def command(j: PretrainJob) -> list[str]:
-        return [str(ROOT / "workflow/scripts/launch.sh"), "1", "2", sys.executable, "pretrain", "--model", j.model,
-                "--recipe-json", json.dumps(j.recipe), "--manifest", str(j.manifest), "--end-iter", str(end),
-                "--out", str(j.out), "--log-out", str(j.log_out), "--resume-dir", str(j.resume_dir),
-                "--device", "cpu", "--no-progress"]
+        return mimlib_cmd(pretrain_args(j), ranks=2)
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
-           and k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env = rank_free_env()
     two_ranks = {**recipe, "micro_batch": 2, "num_workers": 1}  # 2 ranks x micro 2 x 2 accumulation
     reference = job("reference", two_ranks)
     subprocess.run(command(reference), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)

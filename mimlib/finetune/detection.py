@@ -380,6 +380,10 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     # The open log interval's sums travel in the resume state, so a resumed log matches.
     sums: dict[str, float] = dict(extra.get("interval_sums", {}))
     interval_iters, interval_t0 = int(extra.get("interval_iters", 0)), time.perf_counter()
+
+    def open_interval() -> dict[str, Any]:
+        return {"interval_sums": dict(sums), "interval_iters": interval_iters}
+
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -421,12 +425,11 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                 sums.clear()
                 interval_iters, interval_t0 = 0, time.perf_counter()
-            interval_state = {"interval_sums": dict(sums), "interval_iters": interval_iters}
             if stop_now and done < total:
-                state.preempt(done, model, optimizer, interval_state, f"iteration {done} of {total}")
+                state.preempt(done, model, optimizer, open_interval(), f"iteration {done} of {total}")
             if done % r["checkpoint_every"] == 0 or done == total:
                 # also at the end: a job that fails in evaluation resumes straight to it
-                state.save(done, model, optimizer, interval_state)
+                state.save(done, model, optimizer, open_interval())
                 barrier(info)
             if bar is not None:
                 bar.update(1)

@@ -298,6 +298,10 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     # loss, aux loss, grad norm summed over the open log interval (kept in the resume state)
     interval = torch.tensor(extra.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64, device=info.device)
     interval_iters, t0 = int(extra.get("interval_iters", 0)), time.perf_counter()
+
+    def open_interval() -> dict[str, Any]:
+        return {"interval": interval.tolist(), "interval_iters": interval_iters}
+
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -344,11 +348,10 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                 interval_iters, t0 = 0, time.perf_counter()
             if eval_every and done % eval_every == 0 and done < r["iters"]:
                 last_eval = run_eval(done)
-            interval_state = {"interval": interval.tolist(), "interval_iters": interval_iters}
             if stop_now and done < r["iters"]:
-                state.preempt(done, model, optimizer, interval_state, f"iteration {done} of {r['iters']}")
+                state.preempt(done, model, optimizer, open_interval(), f"iteration {done} of {r['iters']}")
             if r["checkpoint_every"] and done % r["checkpoint_every"] == 0 and done < r["iters"]:
-                state.save(done, model, optimizer, interval_state)
+                state.save(done, model, optimizer, open_interval())
                 barrier(info)
             if bar is not None:
                 bar.update(1)

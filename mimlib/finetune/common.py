@@ -4,7 +4,6 @@ decay, per-update lr from timm's schedulers, resumable state, and the metrics fi
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,11 @@ from torch import nn
 from mimlib.config import recipe_hash
 from mimlib.models.swinv2 import get_spec
 from mimlib.train import checkpoint as ckpt
-from mimlib.train.distributed import DistInfo, barrier
+from mimlib.train.distributed import DistInfo
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
-from mimlib.train.preemption import Preempted
+from mimlib.train.preemption import stop_after_saving
 from mimlib.train.pretrain import autocast_context
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,12 +98,10 @@ class ResumableState:
                 where: str) -> NoReturn:
         """SIGTERM reached the job (every rank agrees, see mimlib.train.preemption): save the state
         after ``step`` and raise :class:`Preempted` (the CLI exits 143, the rerun resumes)."""
-        self.save(step, model, optimizer, extra)
-        message = f"{self.job.task} {self.job.model}: stopped by SIGTERM after {where}; state saved in {self.job.resume_dir}"
-        if self.info.is_main:
-            log.warning(message)
-        barrier(self.info)
-        raise Preempted(message + "; rerun to resume")
+        job = self.job
+        stop_after_saving(lambda: self.save(step, model, optimizer, extra),
+                          f"{job.task} {job.model}: stopped by SIGTERM after {where}; state saved in {job.resume_dir}",
+                          self.info)
 
     def finish(self) -> None:
         """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state."""

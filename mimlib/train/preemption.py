@@ -16,14 +16,17 @@ their first line of Python on; they exit with the main process, and SIGKILL stil
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from torch.utils.data import DataLoader
 
-from mimlib.train.distributed import DistInfo, all_reduce_sum
+from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier
+
+log = logging.getLogger(__name__)
 
 
 class Preempted(RuntimeError):
@@ -96,3 +99,13 @@ def reduce_mean_and_stop(values: torch.Tensor, stop: StopRequest, info: DistInfo
     flag = torch.tensor([float(stop.requested)], dtype=torch.float64, device=values.device)
     summed = all_reduce_sum(torch.cat([values.detach().reshape(-1).double(), flag]), info)
     return (summed[:-1] / info.world_size).reshape(values.shape), bool(summed[-1] > 0)
+
+
+def stop_after_saving(save: Callable[[], None], message: str, info: DistInfo) -> NoReturn:
+    """The ranks agreed to stop: rank 0 runs ``save``, every rank waits for it, then
+    :class:`Preempted` (the CLI exits 143 and the rerun resumes from what was saved)."""
+    if info.is_main:
+        save()
+        log.warning(message)
+    barrier(info)
+    raise Preempted(f"{message}; rerun to resume")

@@ -36,7 +36,7 @@ from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
-from mimlib.train.preemption import Preempted, SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
+from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop, stop_after_saving
 from mimlib.train.schedule import scaled_lr, step_lr
 from mimlib.train.step import checked_step
 
@@ -324,15 +324,11 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             if done % r["val_every"] == 0 or done == job.end_iter:
                 evaluate(done)
             if stop_now and done < job.end_iter:
-                if info.is_main:
-                    ckpt.save_rolling(
-                        _state(model, optimizer, done, job, **progress_state()),
-                        job.resume_dir,
-                        done,
-                    )
-                    log.warning("stopped by SIGTERM after iteration %d; state saved in %s", done, job.resume_dir)
-                barrier(info)
-                raise Preempted(f"stopped by SIGTERM after iteration {done}; rerun to resume from {job.resume_dir}")
+                stop_after_saving(
+                    lambda: ckpt.save_rolling(_state(model, optimizer, done, job, **progress_state()),
+                                              job.resume_dir, done),
+                    f"stopped by SIGTERM after iteration {done}; state saved in {job.resume_dir}", info,
+                )
             if done % r["checkpoint_every"] == 0 and done < job.end_iter:
                 if info.is_main:
                     ckpt.save_rolling(

@@ -253,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        distributed = sys.modules.get("mimlib.train.distributed")  # loaded by the training commands
+        if distributed is not None and isinstance(exc, distributed.DeviceError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

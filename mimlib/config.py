@@ -59,6 +59,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     import jsonschema
 
     from mimlib.models.registry import MODELS  # torch-free: every Snakemake job validates
+    from mimlib.resources import gpu_layout_problems
 
     cfg = _fill_defaults(copy.deepcopy(dict(raw)), load_schema())
     validator = jsonschema.Draft202012Validator(load_schema())
@@ -128,6 +129,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
         if recipe["global_batch"] % recipe["micro_batch"]:
             problems.append(f"{key}.global_batch: {recipe['global_batch']} not divisible by micro_batch {recipe['micro_batch']}")
     problems += _finetune_problems(cfg, check_paths)
+    problems += gpu_layout_problems(cfg["resources"])
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
     return cfg

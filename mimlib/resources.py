@@ -29,17 +29,38 @@ def _lookup(table: Mapping[str, Any], keys: list[str], fallback: Any) -> Any:
     return table.get("default", fallback)
 
 
+def gpu_layout_problems(res: Mapping[str, Any]) -> list[str]:
+    """Config problems with the GPU counts: a job spanning nodes must fill each node alike."""
+    per_node = res["gpus_per_node"]
+    problems = []
+    for key in ("pretrain_gpus", "finetune_gpus"):
+        for name, gpus in res[key].items():
+            if gpus > per_node and gpus % per_node:
+                problems.append(
+                    f"resources.{key}.{name}: {gpus} GPUs is more than one node's "
+                    f"(gpus_per_node {per_node}) and not a multiple of it; Slurm gets the same "
+                    "number of GPUs on every node of a job"
+                )
+    return problems
+
+
 def _layout(gpus: int, res: Mapping[str, Any]) -> dict[str, Any]:
-    """nodes / tasks / GPU flags for a job of ``gpus`` GPUs (0 = a CPU job of cpu_tasks ranks)."""
+    """nodes / tasks / GPU flags for a job of ``gpus`` GPUs (0 = a CPU job of cpu_tasks ranks).
+
+    A GPU job is one task per GPU and the same GPUs on each node: Slurm gets
+    ``--nodes=N --ntasks=G --ntasks-per-gpu=1 --gres=gpu:G/N`` (the executor plugin turns
+    ``tasks_per_gpu`` into ``--ntasks-per-gpu`` and would use ``tasks`` there without it).
+    ``gpus`` (the job's total) is for Snakemake's own scheduler (``--resources gpus=N`` on a
+    workstation); the plugin does not read it, so no ``--gpus`` total competes with ``--gres``.
+    """
     if gpus == 0:
         tasks = res["cpu_tasks"]
-        layout: dict[str, Any] = {"nodes": 1, "tasks": tasks, "gpu": 0}
+        layout: dict[str, Any] = {"nodes": 1, "tasks": tasks, "gpus": 0, "gres": "", "tasks_per_gpu": 0}
     else:
         per_node = min(gpus, res["gpus_per_node"])
         nodes = math.ceil(gpus / per_node)
         tasks = gpus  # one process per GPU
-        # gres per node + one task per GPU: the pairing slurm.md found Slurm 22.05 accepts
-        layout = {"nodes": nodes, "tasks": tasks, "gpu": gpus, "gres": f"gpu:{per_node}", "tasks_per_gpu": 1}
+        layout = {"nodes": nodes, "tasks": tasks, "gpus": gpus, "gres": f"gpu:{per_node}", "tasks_per_gpu": 1}
     tasks_per_node = math.ceil(tasks / layout["nodes"])
     layout["cpus_per_task"] = res["cpus_per_task"]
     layout["mem_mb"] = res["mem_mb_per_task"] * tasks_per_node  # --mem is per node
@@ -76,4 +97,5 @@ def finetune_resources(cfg: Mapping[str, Any], task: str, model: str, attempt: i
 
 def light_resources(attempt: int = 1) -> dict[str, Any]:
     """Data preparation and aggregation: one CPU process, no GPU."""
-    return {"nodes": 1, "tasks": 1, "gpu": 0, "cpus_per_task": 2, "mem_mb": 8000, "runtime": 60 * attempt, "mpi": ""}
+    return {"nodes": 1, "tasks": 1, "gpus": 0, "gres": "", "tasks_per_gpu": 0, "cpus_per_task": 2,
+            "mem_mb": 8000, "runtime": 60 * attempt, "mpi": ""}

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from fake_paper import fake_paper_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,20 +75,7 @@ def test_single_cell_builds_only_what_it_needs(tmp_path: Path) -> None:
 
 
 def test_paper_scale_plan_on_a_fake_imagenet(tmp_path: Path) -> None:
-    for split in ("train", "val"):
-        for wnid in ("n01440764", "n01443537"):
-            d = tmp_path / "imagenet" / split / wnid
-            d.mkdir(parents=True)
-            (d / f"{wnid}_1.JPEG").write_bytes(b"")
-    (tmp_path / "in22k" / "n00004475").mkdir(parents=True)
-    cfg = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
-    cfg["sources"]["in1k"] = {"train": str(tmp_path / "imagenet/train"), "val": str(tmp_path / "imagenet/val")}
-    cfg["sources"]["in22k"] = {"train": str(tmp_path / "in22k")}
-    for task in ("inat18", "coco", "ade20k"):
-        (tmp_path / task).mkdir()
-        cfg["finetune"][task]["data"] = {"root": str(tmp_path / task)}
-    config = tmp_path / "paper.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    cfg, config = fake_paper_config(tmp_path)
     out = snakemake(tmp_path, "-n", "--configfile", str(config))
     counts = job_counts(out)
     assert {k: counts[k] for k in ("index", "manifest", "pretrain_trunk", "pretrain_branch", "finetune")} == {
@@ -102,7 +91,7 @@ def test_paper_scale_plan_on_a_fake_imagenet(tmp_path: Path) -> None:
     blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", out, re.M | re.S)
     gpus: dict[str, set[int]] = {}
     for rule, body in blocks:
-        m = re.search(r"resources: .*?\bgpu=(\d+)", body)
+        m = re.search(r"resources: .*?\bgpus=(\d+)", body)
         gpus.setdefault(rule, set()).add(int(m.group(1)) if m else 0)
     assert gpus["pretrain_trunk"] == {8, 16, 32, 64} and gpus["pretrain_branch"] == {8, 16, 32, 64}
     assert gpus["finetune"] == {8, 16, 32}

@@ -23,6 +23,11 @@ def launch(resources):
     return f"{LAUNCH} {resources.nodes} {resources.tasks} {shlex.quote(sys.executable)}"
 
 
+def job_device(resources):
+    """A job given GPUs must train on them (no silent CPU run); others take CUDA if present."""
+    return "cuda" if resources.gpus else "auto"
+
+
 wildcard_constraints:
     model="|".join(map(re.escape, CFG["models"])),
     dataset="|".join(map(re.escape, CFG["datasets"])),

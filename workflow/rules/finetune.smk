@@ -81,6 +81,7 @@ rule finetune:
         resume=lambda wc: resume(P.FINETUNE_RESUME, task=wc.task, model=wc.model, dataset=wc.ftdataset, length=wc.length),
         seed=CFG["seed"],
         launch=lambda wc, resources: launch(resources),
+        device=lambda wc, resources: job_device(resources),
     threads: finetune_threads
     resources:
         **{k: ft_resources(k) for k in TRAINING_RESOURCES},
@@ -89,7 +90,8 @@ rule finetune:
     shell:
         "{params.launch} finetune --task {wildcards.task} --model {wildcards.model} {params.checkpoint} "
         "--recipe-json {params.recipe} --data-json {params.data} --cell-json {params.cell} "
-        "--out-dir {params.out_dir} --resume-dir {params.resume} --seed {params.seed} --no-progress "
+        "--out-dir {params.out_dir} --resume-dir {params.resume} --seed {params.seed} "
+        "--device {params.device} --no-progress "
         "> {log} 2>&1"
 
 

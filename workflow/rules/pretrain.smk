@@ -45,7 +45,9 @@ def branch_resources(key):
     return get
 
 
-TRAINING_RESOURCES = ("nodes", "tasks", "gpu", "cpus_per_task", "mem_mb", "runtime", "mpi")
+# Everything mimlib/resources.py computes reaches the executor: without tasks_per_gpu and gres
+# the Slurm plugin would ask for `tasks` tasks on every GPU.
+TRAINING_RESOURCES = ("nodes", "tasks", "gpus", "gres", "tasks_per_gpu", "cpus_per_task", "mem_mb", "runtime", "mpi")
 
 
 def pretrain_common_args(wc):
@@ -74,6 +76,7 @@ rule pretrain_trunk:
         init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
         resume=lambda wc: resume(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"trunk_{wc.iter}"),
         launch=lambda wc, resources: launch(resources),
+        device=lambda wc, resources: job_device(resources),
     threads: pretrain_threads
     resources:
         **{k: trunk_resources(k) for k in TRAINING_RESOURCES},
@@ -82,7 +85,7 @@ rule pretrain_trunk:
     shell:
         "{params.launch} pretrain {params.common} --manifest {input.manifest} {params.init} "
         "--end-iter {wildcards.iter} --out {output.ckpt} --log-out {output.metrics} "
-        "--resume-dir {params.resume} --no-progress > {log} 2>&1"
+        "--resume-dir {params.resume} --device {params.device} --no-progress > {log} 2>&1"
 
 
 rule pretrain_branch:
@@ -100,6 +103,7 @@ rule pretrain_branch:
         cell=lambda wc: quoted_json({"model": wc.model, "dataset": wc.dataset, "length": int(wc.length)}),
         resume=lambda wc: resume(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"branch_{wc.length}"),
         launch=lambda wc, resources: launch(resources),
+        device=lambda wc, resources: job_device(resources),
     threads: pretrain_threads
     resources:
         **{k: branch_resources(k) for k in TRAINING_RESOURCES},
@@ -109,7 +113,7 @@ rule pretrain_branch:
         "{params.launch} pretrain {params.common} --manifest {input.manifest} --init {input.init} "
         "--end-iter {wildcards.length} --decay-at {params.decay_at} --cell-json {params.cell} "
         "--out {output.ckpt} --metrics-out {output.metrics} --log-out {output.log} --no-optimizer "
-        "--resume-dir {params.resume} --no-progress > {log} 2>&1"
+        "--resume-dir {params.resume} --device {params.device} --no-progress > {log} 2>&1"
 
 
 rule pretrain_summary:

@@ -19,8 +19,11 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   # (ranks come from SLURM_PROCID; the port from the job id, below the ephemeral range).
   unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
   export MASTER_PORT=${MIMSCALE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
+  # The same ranks on every node (the job asked for one task per GPU, the same GPUs per node);
+  # each rank takes its own GPU from SLURM_LOCALID (mimlib/train/distributed.py).
   # srun forwards SIGTERM (time limit, scancel) to every rank; each saves and exits 143.
-  exec srun --nodes="$nodes" --ntasks="$ntasks" --kill-on-bad-exit=1 "$python" -m mimlib "$@"
+  exec srun --nodes="$nodes" --ntasks="$ntasks" --ntasks-per-node=$(((ntasks + nodes - 1) / nodes)) \
+    --kill-on-bad-exit=1 "$python" -m mimlib "$@"
 fi
 if [ "$nodes" -gt 1 ]; then
   echo "launch.sh: $nodes nodes requested outside Slurm; run this job through the slurm profile" >&2

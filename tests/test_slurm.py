@@ -1,14 +1,16 @@
 """The workflow on a real (one-node) Slurm cluster, through snakemake-executor-plugin-slurm.
 
 A module fixture starts munged + slurmctld + slurmd under a scratch dir
-(tests/slurm/start_cluster.sh) and stops them afterwards by PID. The test runs a reduced smoke
+(tests/slurm/start_cluster.sh; the node advertises 2 fake GPUs) and stops them afterwards by
+PID. The first test runs a reduced smoke
 study (1 dataset x 1 length, CPU training jobs as 2 gloo ranks started by srun inside the
 batch step: resources.cpu_tasks = 2 -> mpi="srun") with the workflow profile
 (profiles/default, picked up automatically) plus the test's cluster profile
 (tests/slurm/profile), and checks that every job went through Slurm and that training ran as
 2 ranks; a second test scancels a 2-rank training job (SIGTERM to every process of it) and
-checks that it saved, and that a resubmitted job resumes to the uninterrupted run's weights.
-Needs root and Debian's Slurm + munge + the plugin: tests/slurm/install.sh. Without
+checks that it saved, and that a resubmitted job resumes to the uninterrupted run's weights;
+a third submits a GPU-shaped training job (2 GPUs, one task each) and checks that each rank
+got a GPU of its own. Multi-node clusters: tests/test_slurm_multinode.py. Needs root and Debian's Slurm + munge + the plugin: tests/slurm/install.sh. Without
 them the test is skipped, unless MIMSCALE_REQUIRE_SLURM=1 (CI), where it fails instead.
 """
 
@@ -33,69 +35,18 @@ import torch
 import yaml
 
 from launching import mimlib_cmd, pretrain_args, rank_free_env
+from slurm_cluster import Cluster, fit_light_rules, finish, job_env, slurm_cluster, snakemake_cmd, start_snakemake, tail
 
 ROOT = Path(__file__).resolve().parents[1]
-SLURM_DIR = ROOT / "tests" / "slurm"
-SKIP_MSG = "Slurm is not installed: run tests/slurm/install.sh (CI does)"
-TOOLS = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "srun", "scontrol", "scancel")
-PLUGIN = "snakemake_executor_plugin_slurm"
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def _missing() -> list[str]:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    for mod in (PLUGIN, "snakemake_executor_plugin_slurm_jobstep"):
-        if importlib.util.find_spec(mod) is None:
-            missing.append(f"python module {mod} (in {sys.executable})")
-    return missing
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"({exc})"
-    return "\n".join(lines[-n:])
-
-
-def _daemon_logs(scratch: Path) -> str:
-    return "\n".join(f"---- {p}\n{_tail(p)}" for p in sorted((scratch / "log").glob("*.log")))
-
-
-def _node(scratch: Path) -> dict[str, int]:
-    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=30).stdout
-    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-    return {"cpus": int(fields["CPUTot"]), "real_memory": int(fields["RealMemory"])}
-
-
 @pytest.fixture(scope="module")
-def slurm_cluster():
-    problems = _missing()
-    if not problems and os.geteuid() != 0:
-        problems = ["root (the test cluster runs SlurmUser=root and links /etc/slurm/slurm.conf)"]
-    if problems:
-        msg = f"{SKIP_MSG}; missing: {', '.join(problems)}"
-        if os.environ.get("MIMSCALE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"MIMSCALE_REQUIRE_SLURM=1 but {msg}", pytrace=False)
-        pytest.skip(msg)
-    # A short path: the munge socket lives here (unix socket paths max out at 107 bytes).
-    scratch = Path(tempfile.mkdtemp(prefix="mimscale-slurm-", dir="/tmp"))
-    ok = False
-    try:
-        start = subprocess.run([str(SLURM_DIR / "start_cluster.sh"), str(scratch)],
-                               capture_output=True, text=True, timeout=180)
-        if start.returncode:
-            pytest.fail(f"start_cluster.sh failed:\n{start.stdout}\n{start.stderr}", pytrace=False)
-        yield {"scratch": scratch, **_node(scratch)}
-        ok = True
-    finally:
-        stop = subprocess.run([str(SLURM_DIR / "stop_cluster.sh"), str(scratch)],
-                              capture_output=True, text=True, timeout=120)
-        if stop.returncode:
-            print(f"stop_cluster.sh failed:\n{stop.stdout}\n{stop.stderr}", file=sys.stderr)
-        if ok and stop.returncode == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
+def cluster():
+    """One node (this machine) with 2 fake GPUs: CPU jobs and GPU-shaped jobs alike."""
+    with slurm_cluster(nodes=1, gpus=2) as c:
+        yield c
 
 
 def _study(tmp_path: Path) -> Path:
@@ -112,65 +63,33 @@ def _study(tmp_path: Path) -> Path:
     return path
 
 
-def _fit_light_rules(node: dict[str, int]) -> list[str]:
-    """--set-resources for the workflow profile's light rules, capped to this node if needed.
-
-    Slurm rejects a job asking for more memory or CPUs than the node has. Only when the
-    workflow profile asks for more than this node has (a small CI runner) are its
-    set-resources repeated on the command line with memory / CPUs capped (a command-line
-    --set-resources replaces the profile's whole key, hence all entries are repeated).
-    """
-    prof = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text()) or {}
-    sets = prof.get("set-resources") or {}
-    caps = {"mem_mb": node["real_memory"], "cpus_per_task": node["cpus"]}
-    if not any(isinstance(v, (int, float)) and k in caps and v > caps[k]
-               for res in sets.values() for k, v in res.items()):
-        return []
-    args = [f"{rule}:{k}={min(v, caps[k]) if k in caps and isinstance(v, (int, float)) else v}"
-            for rule, res in sets.items() for k, v in res.items()]
-    return ["--set-resources", *args]
-
-
-def test_smoke_study_on_slurm(slurm_cluster, tmp_path: Path, record_property) -> None:
-    scratch = slurm_cluster["scratch"]
-    if slurm_cluster["cpus"] < 2:
+def test_smoke_study_on_slurm(cluster: Cluster, tmp_path: Path, record_property) -> None:
+    scratch = cluster.scratch
+    node = cluster.node_info()
+    if node["cpus"] < 2:
         pytest.fail("the Slurm test needs a machine with >= 2 CPUs (2 ranks x 1 CPU)", pytrace=False)
     work = tmp_path / "work"
     work.mkdir()
     study = _study(tmp_path)
     target = "results/pretrain/summary.csv"
-    # The target goes before --configfile (which takes several values).
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), target,
-           "--profile", str(SLURM_DIR / "profile"), "--configfile", str(study),
-           *_fit_light_rules(slurm_cluster)]
-    # sbatch --export=ALL passes this environment into the jobs: no Slurm or torchrun variables
-    # from an outer job (MASTER_PORT would be shared by every job; RANK would override srun's).
-    env = rank_free_env()
+    cmd = snakemake_cmd(work, target, study, *fit_light_rules(node))
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)  # Snakemake cancels its Slurm jobs on Ctrl-C
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+    proc = start_snakemake(cluster, cmd, tmp_path / "snakemake.log", job_env())
+    ended = finish(proc, timeout=600)
+    out = (tmp_path / "snakemake.log").read_text(errors="replace")
+    if not ended:
         out = f"(timed out after 600 s)\n{out}"
     wall = time.monotonic() - t0
     record_property("slurm_workflow_wall_s", round(wall, 1))
     print(f"Slurm smoke workflow: {wall:.1f} s wall")
 
-    queue = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%k|%S|%e"],
-                           capture_output=True, text=True, timeout=30).stdout
+    queue = cluster.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%k|%S|%e"]).stdout
     print(queue)  # job id | state | comment (rule + wildcards) | start | end
 
     def context() -> str:
-        slurm_logs = "\n".join(f"---- {p}\n{_tail(p, 25)}" for p in sorted(work.glob(".snakemake/slurm_logs/**/*.log")))
+        slurm_logs = "\n".join(f"---- {p}\n{tail(p, 25)}" for p in sorted(work.glob(".snakemake/slurm_logs/**/*.log")))
         return (f"{' '.join(cmd)}\n---- snakemake (last 6000 chars)\n{out[-6000:]}\n---- squeue -t all\n{queue}\n"
-                f"{slurm_logs[-8000:]}\n{_daemon_logs(scratch)}")
+                f"{slurm_logs[-8000:]}\n{cluster.daemon_logs()}")
 
     assert proc.returncode == 0, context()
 
@@ -197,28 +116,16 @@ def test_smoke_study_on_slurm(slurm_cluster, tmp_path: Path, record_property) ->
     # `srun -n1`, so its step <id>.0 on slurmd is launch.sh's srun.
     cell = next(work.glob("results/pretrain/*/*/*/metrics.json"))
     assert json.loads(cell.read_text())["world_size"] == 2, cell.read_text()
-    slurmd_log = (scratch / "log" / "slurmd.log").read_text()
+    slurmd_log = next((scratch / "log").glob("slurmd.*.log")).read_text()
     training = [j for j in jobids if states[j][1].startswith(("rule_pretrain_trunk", "rule_pretrain_branch"))]
     assert len(training) == 2
     for j in training:
-        assert re.search(rf"launch task StepId={j}\.0 ", slurmd_log), f"no srun step in job {j}\n{_daemon_logs(scratch)}"
-        info = subprocess.run(["scontrol", "show", "job", str(j)], capture_output=True, text=True, timeout=30).stdout
+        assert re.search(rf"launch task StepId={j}\.0 ", slurmd_log), f"no srun step in job {j}\n{cluster.daemon_logs()}"
+        info = cluster.run(["scontrol", "show", "job", str(j)]).stdout
         assert re.search(r"\bNumTasks=2\b", info), info
 
 
-def _wait_state(jobid: str, states: tuple[str, ...], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    state = "?"
-    while time.monotonic() < deadline:
-        state = subprocess.run(["squeue", "-h", "-t", "all", "-j", jobid, "-o", "%T"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        if state in states:
-            return state
-        time.sleep(0.2)
-    return state
-
-
-def test_scancel_saves_state_and_a_resubmitted_job_resumes(slurm_cluster, tmp_path: Path, tiny_data: dict,
+def test_scancel_saves_state_and_a_resubmitted_job_resumes(cluster: Cluster, tmp_path: Path, tiny_data: dict,
                                                            tiny_recipe: dict) -> None:
     """scancel (what a time limit or preemption does too): Slurm sends SIGTERM to every process of
     the 2-rank job (srun ranks and their loader workers); the ranks agree to stop, rank 0 saves,
@@ -227,7 +134,7 @@ def test_scancel_saves_state_and_a_resubmitted_job_resumes(slurm_cluster, tmp_pa
     from mimlib.train import checkpoint as ckpt
     from mimlib.train.pretrain import PretrainJob
 
-    if slurm_cluster["cpus"] < 2:
+    if cluster.node_info()["cpus"] < 2:
         pytest.fail("the Slurm test needs a machine with >= 2 CPUs (2 ranks x 1 CPU)", pytrace=False)
     end = 48
     recipe = {**tiny_recipe, "drop_path": 0.0, "checkpoint_every": 1000, "log_every": 1, "val_every": 1000}
@@ -258,9 +165,9 @@ def test_scancel_saves_state_and_a_resubmitted_job_resumes(slurm_cluster, tmp_pa
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (work_log.exists() and len(work_log.read_text().splitlines()) >= 3):
         time.sleep(0.1)
-    assert work_log.exists(), f"the job never trained\n{_tail(tmp_path / 'preempted.out')}\n{_daemon_logs(slurm_cluster['scratch'])}"
+    assert work_log.exists(), f"the job never trained\n{tail(tmp_path / 'preempted.out')}\n{cluster.daemon_logs()}"
     subprocess.run(["scancel", first], check=True, timeout=30)
-    state = _wait_state(first, ("CANCELLED", "COMPLETED", "FAILED"), 120)
+    state = cluster.wait_state(first, ("CANCELLED", "COMPLETED", "FAILED"), 120)
     out = (tmp_path / "preempted.out").read_text(errors="replace")
     assert state == "CANCELLED", f"{state}\n{out[-3000:]}"
     assert out.count("preempted: stopped by SIGTERM after iteration") == 2, out[-3000:]  # both ranks, same text
@@ -271,9 +178,77 @@ def test_scancel_saves_state_and_a_resubmitted_job_resumes(slurm_cluster, tmp_pa
     assert f"after iteration {stopped_at};" in out
 
     second = submit("resumed")
-    state = _wait_state(second, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300)
+    state = cluster.wait_state(second, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300)
     out = (tmp_path / "resumed.out").read_text(errors="replace")
     assert state == "COMPLETED", f"{state}\n{out[-3000:]}"
     assert re.search(rf"iterations {stopped_at} -> {end} from .*iter_0*{stopped_at}\.pt", out), out[-3000:]
     a, b = ckpt.load(reference.out)["model"], ckpt.load(ranks.out)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _prepare_data(work: Path, study: Path, dataset: str, source: str) -> None:
+    """The data jobs (demo images, indexes, the manifest) locally: the test is about training."""
+    targets = [f"results/manifests/{dataset}.parquet", f"results/data/{source}/index_val.parquet"]
+    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), *targets,
+                    "--cores", "1", "--configfile", str(study)], cwd=ROOT, env=rank_free_env(), check=True,
+                   capture_output=True, timeout=300)
+
+
+def rank_devices(log: str) -> list[tuple[int, str, int, str]]:
+    """(rank, host, local rank, GPU id) of every rank's device line in a job log."""
+    return [(int(r), host, int(local), gpu) for r, host, local, gpu in
+            re.findall(r"rank (\d+)/\d+ on (\S+) \(local rank (\d+)\): GPU (\S+) of CUDA_VISIBLE_DEVICES", log)]
+
+
+def test_gpu_job_gets_one_gpu_per_rank(cluster: Cluster, tmp_path: Path) -> None:
+    """A GPU-shaped job of the workflow (2 GPUs on one node, one task each) through the slurm
+    executor: Slurm accepts it, launch.sh starts 2 ranks, each sees a GPU of its own. The node's
+    "GPUs" are not CUDA devices: without the explicit override the job stops and says so; with
+    MIMSCALE_GPU_FALLBACK=cpu the ranks train on the CPU with gloo and finish."""
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    dataset = next(iter(cfg["datasets"]))
+    cfg["datasets"] = {dataset: cfg["datasets"][dataset]}
+    cfg["lengths"] = [16]
+    cfg.pop("finetune", None)
+    cfg["pretrain"]["micro_batch"] = 2  # 2 ranks x 2 x 2 accumulation = global batch 8
+    cfg["resources"] = {"pretrain_gpus": {"swinv2_pico": 2}, "gpus_per_node": 2, "cpus_per_task": 1,
+                        "mem_mb_per_task": 500}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    _prepare_data(work, study, dataset, cfg["validation"]["source"])
+    target = f"results/pretrain/swinv2_pico/{dataset}/trunk/14.pt"
+    job_log = work / f"results/logs/pretrain/swinv2_pico/{dataset}/trunk_14.log"
+    cmd = snakemake_cmd(work, target, study)
+
+    # The default: a job given GPUs on a node where PyTorch sees no CUDA device stops, saying so.
+    env = job_env()
+    env.pop("MIMSCALE_GPU_FALLBACK", None)
+    proc = start_snakemake(cluster, cmd, tmp_path / "no_cuda.log", env)
+    ended = finish(proc, timeout=300)
+    out = (tmp_path / "no_cuda.log").read_text(errors="replace")
+    assert ended and proc.returncode != 0, out[-4000:]
+    assert "Error in rule pretrain_trunk" in out, out[-4000:]
+    log = job_log.read_text(errors="replace")
+    assert "this job was given GPUs" in log and "MIMSCALE_GPU_FALLBACK=cpu" in log, log[-3000:]
+    assert "Traceback" not in log and not (work / target).exists()
+
+    t0 = time.monotonic()
+    proc = start_snakemake(cluster, cmd, tmp_path / "fallback.log", job_env(MIMSCALE_GPU_FALLBACK="cpu"))
+    ended = finish(proc, timeout=400)
+    out = (tmp_path / "fallback.log").read_text(errors="replace")
+    print(f"GPU-shaped job through the slurm executor: {time.monotonic() - t0:.1f} s wall")
+    assert ended and proc.returncode == 0, f"{out[-5000:]}\n{tail(job_log)}\n{cluster.daemon_logs()}"
+    jobid = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
+    assert len(jobid) == 1, out[-3000:]
+    info = cluster.run(["scontrol", "show", "job", jobid[0]]).stdout
+    assert "JobState=COMPLETED" in info and re.search(r"\bNumTasks=2\b", info), info
+    assert "TresPerNode=gres:gpu:2" in info and re.search(r"\bNtasksPerTRES=1\b", info), info
+    log = job_log.read_text(errors="replace")
+    devices = rank_devices(log)
+    print("\n".join(line for line in log.splitlines() if "CUDA_VISIBLE_DEVICES=" in line))
+    assert sorted(r for r, *_ in devices) == [0, 1], log[-3000:]
+    assert sorted(local for _, _, local, _ in devices) == [0, 1]
+    assert len({gpu for *_, gpu in devices}) == 2, devices  # a GPU of its own each
+    assert ": iterations 0 -> 14 from " in log, log[-2000:]
+    assert (work / target).exists()

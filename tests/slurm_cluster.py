@@ -116,8 +116,10 @@ def slurm_cluster(nodes: int = 1, gpus: int = 0) -> Iterator[Cluster]:
     scratch = Path(tempfile.mkdtemp(prefix="mimscale-slurm-", dir="/tmp"))
     ok = False
     try:
+        # A lost node is noticed after SlurmdTimeout: seconds here, not Slurm's 5 minutes.
+        env = {**os.environ, "SLURM_TEST_SLURMD_TIMEOUT": os.environ.get("SLURM_TEST_SLURMD_TIMEOUT", "10")}
         start = subprocess.run([str(SLURM_DIR / "start_cluster.sh"), str(scratch), "--nodes", str(nodes),
-                                "--gpus", str(gpus)], capture_output=True, text=True, timeout=180)
+                                "--gpus", str(gpus)], capture_output=True, text=True, timeout=180, env=env)
         if start.returncode:
             pytest.fail(f"start_cluster.sh failed:\n{start.stdout}\n{start.stderr}", pytrace=False)
         yield Cluster(scratch, nodes, gpus)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install what tests/test_slurm.py needs: Debian's Slurm 22.05 daemons + client and munge
-# (system packages, needs root and apt), and the Snakemake Slurm executor plugin into the
+# Install what tests/test_slurm*.py need: Debian's Slurm 22.05 daemons + client and munge, and
+# iproute2 + util-linux for the multi-node cluster's namespaces (system packages, needs root
+# and apt), and the Snakemake Slurm executor plugin into the
 # Python environment that runs the tests ($PYTHON, else the active virtualenv, else the repo's
 # .venv, else python3).
 #   tests/slurm/install.sh
@@ -16,8 +17,8 @@ fi
 die() { echo "tests/slurm/install.sh: $*" >&2; exit 1; }
 [ -n "$PYTHON" ] && [ -x "$PYTHON" ] || die "no Python found (set PYTHON=/path/to/python)"
 
-pkgs=(slurmctld slurmd slurm-client munge)
-have_all() { for exe in slurmctld slurmd sinfo munged; do command -v "$exe" >/dev/null || return 1; done; }
+pkgs=(slurmctld slurmd slurm-client munge iproute2 util-linux)
+have_all() { for exe in slurmctld slurmd sinfo munged ip nsenter unshare; do command -v "$exe" >/dev/null || return 1; done; }
 if ! have_all; then
   command -v apt-get >/dev/null || die "apt-get not found: install ${pkgs[*]} (Slurm 22.05-like) with your package manager"
   sudo=""
@@ -29,7 +30,7 @@ if ! have_all; then
   $sudo apt-get update -qq || die "apt-get update failed"
   $sudo apt-get install -y --no-install-recommends "${pkgs[@]}" || die "apt-get install ${pkgs[*]} failed"
 fi
-for exe in slurmctld slurmd sinfo squeue sbatch srun scontrol munged; do
+for exe in slurmctld slurmd sinfo squeue sbatch srun scontrol munged ip nsenter unshare; do
   command -v "$exe" >/dev/null || die "$exe still missing after installing ${pkgs[*]}"
 done
 

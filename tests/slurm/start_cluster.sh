@@ -157,7 +157,8 @@ SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCKET
+# cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$SOCKET,cred_expire=${SLURM_TEST_CRED_EXPIRE:-20}
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -207,14 +208,25 @@ fi
 
 # --- daemons ----------------------------------------------------------------------------------
 export SLURM_CONF=$S/slurm.conf
-# in NS CMD...: run CMD on node i (nothing to wrap for the one-node cluster).
+# on_node I CMD...: run CMD on node i (nothing to wrap for the one-node cluster).
 on_node() {
   local i=$1
   shift
   if [ -z "${netns[$i]}" ]; then "$@"; else "$here/on_node.sh" "$S" "${names[$i]}" "$@"; fi
 }
-on_node 0 setsid slurmctld -D -c -i -f "$S/slurm.conf" </dev/null >>"$S/log/slurmctld.out" 2>&1 &
-echo "slurmctld $!" >>"$S/pids"
+# daemon NAME I CMD...: start CMD on node i in the background, its PID to $S/pids. setsid and
+# the on_node.sh chain exec (no fork), so $! is the daemon itself: stop_cluster.sh kills it.
+daemon() {
+  local name=$1 i=$2
+  shift 2
+  if [ -z "${netns[$i]}" ]; then
+    setsid "$@" </dev/null >>"$S/log/${name/:/.}.out" 2>&1 &
+  else
+    setsid "$here/on_node.sh" "$S" "${names[$i]}" "$@" </dev/null >>"$S/log/${name/:/.}.out" 2>&1 &
+  fi
+  echo "$name $!" >>"$S/pids"
+}
+daemon slurmctld 0 slurmctld -D -c -i -f "$S/slurm.conf"
 for _ in $(seq 100); do
   if [ -z "${netns[0]}" ]; then port_busy "$CTLD_PORT" && break
   else on_node 0 bash -c "(exec 3<>/dev/tcp/$CTLD_ADDR/$CTLD_PORT) 2>/dev/null" && break; fi
@@ -222,8 +234,7 @@ for _ in $(seq 100); do
 done
 for i in "${!names[@]}"; do
   mkdir -p "$S/spool/${names[$i]}"
-  on_node "$i" setsid slurmd -D -N "${names[$i]}" -f "$S/slurm.conf" </dev/null >>"$S/log/slurmd.${names[$i]}.out" 2>&1 &
-  echo "slurmd:${names[$i]} $!" >>"$S/pids"
+  daemon "slurmd:${names[$i]}" "$i" slurmd -D -N "${names[$i]}" -f "$S/slurm.conf"
 done
 
 deadline=$((SECONDS + TIMEOUT))

@@ -19,6 +19,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   # (ranks come from SLURM_PROCID; the port from the job id, below the ephemeral range).
   unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
   export MASTER_PORT=${MIMSCALE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
+  echo "launch.sh: $ntasks ranks on $nodes nodes, rendezvous at $MASTER_ADDR:$MASTER_PORT (Slurm job $SLURM_JOB_ID)" >&2
   # The same ranks on every node (the job asked for one task per GPU, the same GPUs per node);
   # each rank takes its own GPU from SLURM_LOCALID (mimlib/train/distributed.py).
   # srun forwards SIGTERM (time limit, scancel) to every rank; each saves and exits 143.

@@ -16,16 +16,11 @@ them the test is skipped, unless MIMSCALE_REQUIRE_SLURM=1 (CI), where it fails i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import shutil
 import shlex
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 

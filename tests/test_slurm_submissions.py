@@ -182,6 +182,7 @@ def test_paper_gpu_jobs_ask_slurm_for_one_task_per_gpu(tmp_path: Path) -> None:
         assert f["--cpus-per-task"] == str(res["cpus_per_task"]), ctx
         assert int(f["--mem"]) == res["mem_mb_per_task"] * per_node, ctx
         assert f["-p"] == "gpu" and f["-A"] == "my_account", ctx
+        assert "--no-requeue" in f, ctx  # a lost node's job is retried by Snakemake, never run twice
         assert int(f["-t"]) > 0, ctx
         # the ranks start through launch.sh with the job's shape, on CUDA (no silent CPU run)
         assert launches.get((rule, model, task)) == (nodes, gpus, True), (ctx, launches.get((rule, model, task)))

@@ -152,6 +152,19 @@ def fit_light_rules(node: dict[str, int]) -> list[str]:
     return ["--set-resources", *args]
 
 
+def prepare_data(work: Path, study: Path, dataset: str, source: str, results: str = "results") -> tuple[str, str]:
+    """Run a study's data jobs (demo images, indexes, the manifest) locally, not on Slurm: the
+    cluster tests are about training. Returns the manifest and validation index paths (in work)."""
+    from mimlib import paths as P
+
+    manifest = f"{results}/{P.MANIFEST.format(dataset=dataset)}"
+    val_index = f"{results}/{P.INDEX.format(source=source, split='val')}"
+    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), manifest,
+                    val_index, "--cores", "1", "--configfile", str(study)], cwd=ROOT, env=rank_free_env(),
+                   check=True, capture_output=True, timeout=300)
+    return manifest, val_index
+
+
 def snakemake_cmd(work: Path, target: str, study: Path, *extra: str) -> list[str]:
     """The user's command on the cluster: the slurm executor, the test's cluster profile
     (tests/slurm/profile) and the workflow profile (profiles/default, picked up by itself)."""

@@ -20,7 +20,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch
 import yaml
 
 from launching import mimlib_cmd, pretrain_args, rank_free_env
-from slurm_cluster import Cluster, fit_light_rules, finish, job_env, slurm_cluster, snakemake_cmd, start_snakemake, tail
+from slurm_cluster import (Cluster, finish, fit_light_rules, job_env, prepare_data, slurm_cluster, snakemake_cmd,
+                           start_snakemake, tail)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,14 +181,6 @@ def test_scancel_saves_state_and_a_resubmitted_job_resumes(cluster: Cluster, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _prepare_data(work: Path, study: Path, dataset: str, source: str) -> None:
-    """The data jobs (demo images, indexes, the manifest) locally: the test is about training."""
-    targets = [f"results/manifests/{dataset}.parquet", f"results/data/{source}/index_val.parquet"]
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), *targets,
-                    "--cores", "1", "--configfile", str(study)], cwd=ROOT, env=rank_free_env(), check=True,
-                   capture_output=True, timeout=300)
-
-
 def rank_devices(log: str) -> list[tuple[int, str, int, str]]:
     """(rank, host, local rank, GPU id) of every rank's device line in a job log."""
     return [(int(r), host, int(local), gpu) for r, host, local, gpu in
@@ -211,7 +203,7 @@ def test_gpu_job_gets_one_gpu_per_rank(cluster: Cluster, tmp_path: Path) -> None
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
-    _prepare_data(work, study, dataset, cfg["validation"]["source"])
+    prepare_data(work, study, dataset, cfg["validation"]["source"])
     target = f"results/pretrain/swinv2_pico/{dataset}/trunk/14.pt"
     job_log = work / f"results/logs/pretrain/swinv2_pico/{dataset}/trunk_14.log"
     cmd = snakemake_cmd(work, target, study)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 import yaml
 
 from launching import mimlib_cmd, pretrain_args, rank_free_env
-from slurm_cluster import ROOT, Cluster, finish, job_env, slurm_cluster, snakemake_cmd, start_snakemake, tail
+from slurm_cluster import (ROOT, Cluster, finish, job_env, prepare_data, slurm_cluster, snakemake_cmd,
+                           start_snakemake, tail)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -55,7 +55,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The smoke study cut to one trunk segment (of 7 or of 112 iterations), its data prepared
     locally (the tests are about training), and the reference runs on this machine: 1 process
     for the short job, 2 ranks through launch.sh (torchrun) for the long one."""
-    from mimlib import paths as P
     from mimlib.config import pretrain_recipe, validate_config
     from mimlib.train.pretrain import PretrainJob
 
@@ -74,12 +73,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
         configs[length] = base / f"study_{length}.yaml"
         configs[length].write_text(yaml.safe_dump({**cfg, "lengths": [length]}))
     work = base / "prepared"
-    source = cfg["validation"]["source"]
-    manifest = f"{cfg['results']}/{P.MANIFEST.format(dataset=dataset)}"
-    val_index = f"{cfg['results']}/{P.INDEX.format(source=source, split='val')}"
-    subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work), manifest,
-                    val_index, "--cores", "1", "--configfile", str(configs[LONG])],
-                   cwd=ROOT, env=rank_free_env(), check=True, capture_output=True, timeout=300)
+    manifest, val_index = prepare_data(work, configs[LONG], dataset, cfg["validation"]["source"], cfg["results"])
     recipe = pretrain_recipe(validate_config({**cfg, "lengths": [LONG]}), MODEL)
     references = {}
     for length, ranks in ((SHORT, 1), (LONG, 2)):

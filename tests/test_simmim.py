@@ -207,3 +207,18 @@ def test_mask_token_init_and_names(model: SimMIM) -> None:
     assert any("cpb_mlp" in n for n in names) and any("logit_scale" in n for n in names)
     std = float(model.mask_token.detach().std())
     assert 0.005 < std < 0.05  # trunc-normal std 0.02 over only 24 values
+
+
+def test_trivial_predictor_is_the_mean_visible_colour(model: SimMIM) -> None:
+    x, mask = _images(2), _mask(2)
+    m = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).float()
+    t = normalize_targets(x, 47)
+    for i in range(2):
+        visible = t[i][:, m[i, 0] == 0]  # (3, n visible pixels)
+        guess = visible.mean(1)[:, None, None].expand_as(t[i])
+        expected = ((t[i] - guess).abs() * m[i]).sum() / (m[i].sum() + 1e-5) / 3
+        torch.testing.assert_close(model.trivial_losses(x, mask)[i], expected)
+    # Where the visible pixels tell the masked ones exactly (one flat colour), it is perfect.
+    flat = torch.ones(2, 3, 64, 64) * torch.tensor([0.2, -1.0, 0.5])[:, None, None]
+    raw = SimMIM(model.encoder, norm_target_window=None)
+    torch.testing.assert_close(raw.trivial_losses(flat, mask), torch.zeros(2), atol=1e-5, rtol=0)

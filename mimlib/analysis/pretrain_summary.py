@@ -38,6 +38,7 @@ def write_pretrain_summary(cfg: Mapping[str, Any], results: Path, out_csv: Path,
     for cell in pretrain_cells(cfg):
         metrics_path = paths.at(results, paths.CELL_METRICS, model=cell.model, dataset=cell.dataset, length=cell.length)
         m = json.loads(metrics_path.read_text())
+        trivial = m.get("val_trivial_loss")
         rows.append(
             {
                 "model": cell.model,
@@ -45,6 +46,10 @@ def write_pretrain_summary(cfg: Mapping[str, Any], results: Path, out_csv: Path,
                 "length": cell.length,
                 "train_loss": m["train_loss"],
                 "val_loss": m["val_loss"],
+                # The mean-visible-colour predictor's loss on the same crops and masks, and the
+                # model's share of it: how much the pre-training learned beyond colour.
+                "trivial_val_loss": trivial,
+                "val_loss_ratio": m["val_loss"] / trivial if trivial and m["val_loss"] is not None else None,
                 "corrupt_images": m["corrupt_images"],
                 "branch_wall_time_s": m["wall_time_s"],
             }

@@ -166,6 +166,16 @@ class SimMIM(nn.Module):
         lm, m = self.loss_map(images, mask)
         return lm.sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) + 1e-5) / self.in_chans
 
+    def trivial_losses(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) per-image losses of a predictor that learns nothing: every masked pixel is the
+        image's mean visible colour (per channel, in target space). The yardstick for what
+        a model's validation loss has learned beyond the image's overall colour."""
+        target = self.targets(images)
+        visible = 1.0 - self.pixel_mask(mask)
+        mean = (target * visible).sum(dim=(2, 3), keepdim=True) / (visible.sum(dim=(2, 3), keepdim=True) + 1e-5)
+        lm, m = self._masked_loss(target, mean.expand_as(target), mask)
+        return lm.sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) + 1e-5) / self.in_chans
+
 
 def build_simmim(
     model_name: str,

@@ -108,11 +108,13 @@ def autocast_context(recipe: dict[str, Any], device: torch.device) -> contextlib
 
 
 @torch.no_grad()
-def validation_loss(model: SimMIM, loader: DataLoader, recipe: dict[str, Any], info: DistInfo) -> float:
-    """Mean per-image masked-reconstruction loss over the (sharded) validation set."""
+def validation_loss(model: SimMIM, loader: DataLoader, recipe: dict[str, Any],
+                    info: DistInfo) -> tuple[float, float]:
+    """(mean per-image masked-reconstruction loss, the same for the trivial predictor of
+    :meth:`SimMIM.trivial_losses`) over the (sharded) validation set."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    total = torch.zeros(3, dtype=torch.float64, device=info.device)
     for batch in loader:
         images = batch["image"].to(info.device, non_blocking=True)
         masks = batch["mask"].to(info.device, non_blocking=True)
@@ -120,10 +122,13 @@ def validation_loss(model: SimMIM, loader: DataLoader, recipe: dict[str, Any], i
         with autocast_context(recipe, info.device):
             losses = model.forward_losses(images, masks).float()
         total[0] += losses[valid].double().sum()
-        total[1] += valid.sum()
+        total[1] += model.trivial_losses(images, masks)[valid].double().sum()
+        total[2] += valid.sum()
     all_reduce_sum(total, info)
     model.train(was_training)
-    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+    if total[2] == 0:
+        return math.nan, math.nan
+    return float(total[0] / total[2]), float(total[1] / total[2])
 
 
 def _validation_loader(job: PretrainJob, info: DistInfo) -> DataLoader | None:
@@ -241,6 +246,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         interval_iters = state["interval"][2]
     t_job = time.perf_counter()
     last_val: float | None = None
+    trivial_val: float | None = None
 
     def progress_state() -> dict[str, Any]:
         """What a resumed job needs besides weights: the summary's and the open log interval's sums."""
@@ -251,11 +257,11 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         }
 
     def evaluate(iteration: int) -> None:
-        nonlocal last_val
+        nonlocal last_val, trivial_val
         if val_loader is None:
             return
-        last_val = validation_loss(model, val_loader, r, info)
-        logger.log({"iter": iteration, "val_loss": last_val})
+        last_val, trivial_val = validation_loss(model, val_loader, r, info)
+        logger.log({"iter": iteration, "val_loss": last_val, "val_trivial_loss": trivial_val})
 
     model.train()
     batches = iter(loader)
@@ -351,6 +357,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         "train_loss": sum(tail_losses) / len(tail_losses) if tail_losses else None,
         "train_loss_window": [window_start, job.end_iter],
         "val_loss": last_val,
+        "val_trivial_loss": trivial_val,
         "corrupt_images": len(failed_files),
         "wall_time_s": time.perf_counter() - t_job,
         "world_size": info.world_size,

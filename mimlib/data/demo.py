@@ -13,8 +13,14 @@ texture) and returns the image with per-object visible masks, so that
 Each class is a texture family (stripes, checkerboard, rings, wavy stripes) with a
 class-specific frequency, orientation and three-colour palette; each image draws its own
 phase, scale, rotation jitter and colour jitter. Textures are smooth (sinusoids plus mild
-noise), so local context predicts masked pixels and SimMIM has something to learn, and the
-class palettes are spread around the hue circle so classes are separable.
+noise), so local context predicts masked pixels and SimMIM has something to learn.
+
+With ``recolour=True`` (the ImageNet and iNat layouts) every textured region draws its own
+random palette, so a class is its *structure* (family, orientation, frequency), not its
+colour, as in natural images: a classifier has to see stripes, not hues. Flat "clutter"
+shapes of random colour and place are each image's own content: where a mask hides one
+whole, nothing visible implies it, so only a model that has seen (memorised) that image can
+restore it — the paper's "remembering" as opposed to "reasoning".
 
 Everything is drawn from numpy Generators seeded by SHA-256 of ``(seed, role, ids...)``:
 a file's content depends only on the seed and its own position, and the same seed gives
@@ -47,7 +53,7 @@ __all__ = [
 ]
 
 FAMILIES = ("stripes", "checker", "rings", "waves")
-GENERATOR_VERSION = 1  # bump when rendering changes, so cached demo sets can be told apart
+GENERATOR_VERSION = 2  # bump when rendering changes, so cached demo sets can be told apart
 
 
 def _rng(*parts: object) -> np.random.Generator:
@@ -81,19 +87,37 @@ def class_style(class_id: int, seed: int = 0) -> ClassStyle:
             (hue + dh) % 1.0, s * rng.uniform(0.8, 1.0), v * rng.uniform(0.85, 1.0)
         )
         palette.append((255 * r, 255 * g, 255 * b))
+    # Classes of one family are told apart by orientation and frequency: the k-th class of a
+    # family turns by 60 degrees and shortens its period by 1.5x (rings, which have no
+    # orientation, differ in period alone), so structure separates classes even when colours
+    # are drawn per image. Periods of ~25-70 px are longer than a mask cell at the demo's
+    # scale, so the visible neighbours of a masked cell imply what it holds.
+    k = class_id // len(FAMILIES)
     return ClassStyle(
         family=class_id % len(FAMILIES),
-        angle=float(rng.uniform(0, np.pi)),
-        # Periods of ~10-40 px: visible at 192 px, several cycles per 32-px mask patch at most.
-        freq=float(rng.uniform(1 / 40, 1 / 10)),
+        angle=float((k * np.pi / 3 + rng.uniform(0, np.pi / 12)) % np.pi),
+        freq=float(rng.uniform(1 / 72, 1 / 56) * 1.5 ** (k % 3)),
         palette=np.asarray(palette, dtype=np.float32),
     )
 
 
+def random_palette(rng: np.random.Generator) -> np.ndarray:
+    """A three-colour palette of random hue with the same light / dark / muted structure as
+    the class palettes (used by ``recolour``)."""
+    hue = rng.uniform(0, 1)
+    palette = []
+    for dh, s, v in ((0.0, 0.75, 0.9), (0.08, 0.45, 0.45), (-0.1, 0.3, 0.7)):
+        r, g, b = colorsys.hsv_to_rgb((hue + dh) % 1.0, s * rng.uniform(0.6, 1.0), v * rng.uniform(0.8, 1.0))
+        palette.append((255 * r, 255 * g, 255 * b))
+    return np.asarray(palette, dtype=np.float32)
+
+
 def _texture(
-    style: ClassStyle, rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray
+    style: ClassStyle, rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray,
+    palette: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Render ``style`` on the pixel grid ``ys, xs`` (float32, broadcastable) -> (h, w, 3) float32."""
+    """Render ``style`` on the pixel grid ``ys, xs`` (float32, broadcastable) -> (h, w, 3) float32,
+    in ``palette`` instead of the class's own when one is given."""
     angle = style.angle + rng.normal(0.0, 0.12)
     freq = style.freq * rng.uniform(0.8, 1.25)
     phase = rng.uniform(0, 2 * np.pi)
@@ -117,7 +141,7 @@ def _texture(
     span = max(float(ys.max() - ys.min()), float(xs.max() - xs.min()), 1.0)
     g = (np.cos(g_angle) * xs + np.sin(g_angle) * ys) / span
     g = (g - g.min()) * np.float32(rng.uniform(0.2, 0.5))
-    p = style.palette * rng.uniform(0.9, 1.1, size=(1, 3)).astype(np.float32)  # colour jitter
+    p = (style.palette if palette is None else palette) * rng.uniform(0.9, 1.1, size=(1, 3)).astype(np.float32)  # colour jitter
     img = p[0] * (1 - t)[..., None] + p[1] * t[..., None]
     img += (p[2] - img) * g[..., None]
     return img + np.float32(rng.uniform(-15, 15))  # brightness jitter
@@ -180,18 +204,25 @@ def render_scene(
     objects: list[int] | tuple[int, ...] = (),
     clutter: int = 0,
     noise: float = 2.0,
+    recolour: bool = False,
+    clutter_size: tuple[float, float] = (0.1, 0.25),
 ) -> Scene:
     """Render one scene of ``height x width``.
 
     ``objects`` are class ids painted in order (later ones occlude earlier ones) as shapes
-    filled with their class texture; ``clutter`` flat-colour shapes are painted on the
-    background first and count as background.
+    filled with their class texture; ``clutter`` flat-colour shapes (``clutter_size`` of the
+    short side) are painted on the background first and count as background. ``recolour``
+    gives every textured region a random palette (see the module doc).
     """
     ys = np.arange(height, dtype=np.float32)[:, None]
     xs = np.arange(width, dtype=np.float32)[None, :]
-    img = _texture(styles[background_class], rng, ys, xs)
+
+    def palette() -> np.ndarray | None:
+        return random_palette(rng) if recolour else None
+
+    img = _texture(styles[background_class], rng, ys, xs, palette())
     for _ in range(clutter):
-        m = _shape_mask(rng, height, width, (0.1, 0.25))
+        m = _shape_mask(rng, height, width, clutter_size)
         img[m] = rng.uniform(40, 215, size=3).astype(np.float32)
     full_masks: list[np.ndarray] = []
     for c in objects:
@@ -202,7 +233,7 @@ def render_scene(
             continue
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         # Texture only inside the box: cheaper, and coordinates stay global so it lines up.
-        patch = _texture(styles[c], rng, ys[y0:y1], xs[:, x0:x1])
+        patch = _texture(styles[c], rng, ys[y0:y1], xs[:, x0:x1], palette())
         sub = m[y0:y1, x0:x1]
         img[y0:y1, x0:x1][sub] = patch[sub]
         full_masks.append(m)
@@ -237,6 +268,7 @@ class ClassificationDemoSpec:
     seed: int = 0
     quality: int = 90
     odd_files: bool = False
+    max_clutter: int = 4  # flat random shapes per image: 1..max_clutter (0 = none)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.train_per_class < 1 or self.val_per_class < 0:
@@ -250,7 +282,8 @@ def _render_classification_image(spec: ClassificationDemoSpec, styles: dict[int,
     rng = _rng(spec.seed, "classification", split, c, k)
     h, w = (int(v) for v in rng.integers(spec.min_size, spec.max_size + 1, size=2))
     n_obj = int(rng.integers(0, 3))
-    scene = render_scene(rng, h, w, styles, c, objects=[c] * n_obj, clutter=int(rng.integers(0, 3)))
+    clutter = int(rng.integers(1, spec.max_clutter + 1)) if spec.max_clutter else 0
+    scene = render_scene(rng, h, w, styles, c, objects=[c] * n_obj, clutter=clutter, recolour=True)
     return Image.fromarray(scene.image, "RGB")
 
 

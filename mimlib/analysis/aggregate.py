@@ -266,6 +266,58 @@ def write_scaling(cfg, results):
     return fit, cells, predictions
 
 
+def findings_paths(results: str | Path) -> dict[str, Path]:
+    return {ext: _out(results, C.FINDINGS, ext=ext) for ext in ("json", "md", "html")}
+
+
+def findings_study(cfg, results):
+    """The findings' inputs (``findings.Study``) from the files the other targets wrote: Table 2
+    (images), the pre-training summary, overfitting.csv, Tables 3 and 4-9, the IN-1K metrics,
+    the optional seed_spread.csv."""
+    from . import findings as F
+    from .cost import encoder_params
+
+    def table(name: str) -> pd.DataFrame:
+        return pd.read_csv(table_paths(results, name)["csv"])
+
+    summary = _summary(cfg, results)
+    parts = [F.loss_scores(summary)]
+    tasks = cfg["finetune"].get("tasks", [])
+    if "in1k" in tasks:
+        parts.append(F.metric_scores(C.read_task_scores(cfg, results, "in1k"), "in1k", "top1"))
+    for task, name in F.BY_LENGTH_TABLES.items():
+        if task in tasks:
+            metrics = [m for t, m, _ in C.TASK_SCORES if t == task]
+            parts.append(F.by_length_scores(table(name), task, metrics, cfg["datasets"], F.src_table(name)))
+    t2 = table("table2")
+    t8 = table("table8")
+    if len(t8):
+        t8["decoder_params_m"] = t8["params_m"] - t8["encoder"].map(encoder_params) / 1e6
+    return F.Study(
+        name=C.study_name(cfg), models=list(cfg["models"]), largest=largest_model(cfg),
+        datasets=list(cfg["datasets"]), images=dict(zip(t2["dataset"], t2["images"])),
+        lengths=sorted(cfg["lengths"]), finetune_lengths=C.finetune_lengths(cfg), tasks=list(tasks),
+        scores=pd.concat(parts, ignore_index=True),
+        subsets=[n for n, d in cfg["datasets"].items() if "num_classes" in d],
+        overfit=_overfit(results), table3=table("table3"), table7=table("table7"), table8=t8,
+        table9=table("table9"), loss_tol=float(C.analysis_settings(cfg)["overfit_tolerance"]),
+        labels={d: C.display_dataset(cfg, d) for d in cfg["datasets"]},
+        seeds=F.read_seed_spread(_out(results, C.SEED_SPREAD)))
+
+
+def write_findings(cfg, results) -> list:
+    from . import findings as F
+
+    study = findings_study(cfg, results)
+    found = F.study_findings(study)
+    out = findings_paths(results)
+    out["json"].parent.mkdir(parents=True, exist_ok=True)
+    out["json"].write_text(F.findings_json(study.name, found, study.seeds))
+    out["md"].write_text(F.findings_markdown(study.name, found, study.seeds))
+    out["html"].write_text(F.findings_html(study.name, found, study.seeds))
+    return found
+
+
 #: target name (the rule's) -> writer(cfg, results), in an order that builds inputs first
 TARGETS: dict[str, Callable[..., Any]] = {
     "overfitting": write_overfitting, "table1": write_table1, "table2": write_table2, "table3": write_table3,
@@ -276,7 +328,7 @@ TARGETS: dict[str, Callable[..., Any]] = {
     "fig1": write_figure1, "fig2": write_figure2, "fig3": write_figure3, "fig4": write_figure4,
     "fig5": write_figure5, "fig6": write_figure6,
     "fig7": partial(write_curve_figure, name="fig7"), "fig8": partial(write_curve_figure, name="fig8"),
-    "proxy": write_proxy, "scaling": write_scaling,
+    "proxy": write_proxy, "scaling": write_scaling, "findings": write_findings,
 }
 
 

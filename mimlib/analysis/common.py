@@ -31,6 +31,9 @@ SCALING_JSON = "analysis/scaling.json"
 SCALING_FIT = "analysis/scaling_fit.csv"
 SCALING_PREDICTIONS = "analysis/scaling_predictions.csv"
 SCALING_REPORT = "analysis/scaling.{ext}"  # md, html
+FINDINGS = "analysis/findings.{ext}"  # json, md, html
+# optional: written by the seed-spread measurement, read by the findings if it is there
+SEED_SPREAD = "analysis/seed_spread.csv"
 
 # ------------------------------------------------------------------ settings (config `analysis`)
 #: Defaults of the config's ``analysis`` section (read with ``analysis_settings``).

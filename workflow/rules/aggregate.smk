@@ -1,8 +1,11 @@
 # Aggregation: the paper's Tables 1-9 and Figures 1-8, the overfitting classification, the
-# validation-loss-as-proxy analysis and the scaling fit (mimlib/analysis/). Each target reads
+# validation-loss-as-proxy analysis, the scaling fit and the findings page (the paper's findings
+# as rules on the study's own results; mimlib/analysis/). Each target reads
 # only the results it needs (Table 3: the IN-1K metrics; Table 6: the COCO ones; ...);
 # `aggregate_all` builds them all. Outputs marked report() make `snakemake --report report.html`.
 # Needs from common.smk: CFG, RESULTS, res(), P.
+import os
+
 from mimlib.analysis import aggregate as AGG
 from mimlib.analysis import common as AC
 from mimlib.analysis.tables import decoder_groups, sampling_candidates
@@ -362,6 +365,32 @@ rule scaling:
         AGG_SCRIPT
 
 
+# ---------------------------------------------------------------- the paper's findings as rules
+# The optional seed spread (analysis/seed_spread.csv) is an input only when it is already there:
+# this workflow never builds it (the seed-spread measurement does).
+AGG_SEEDS = agg_path(AC.SEED_SPREAD)
+
+
+rule findings:
+    input:
+        summary=AGG_SUMMARY,
+        overfit=AGG_OVERFIT,
+        tables=[agg_path(AC.TABLE, name=f"table{i}", ext="csv") for i in range(2, 10)],
+        in1k=agg_metrics("in1k", scratch=False),
+        seeds=[AGG_SEEDS] if os.path.exists(AGG_SEEDS) else [],
+    output:
+        json=agg_path(AC.FINDINGS, ext="json"),
+        md=agg_path(AC.FINDINGS, ext="md"),
+        html=report(agg_path(AC.FINDINGS, ext="html"), caption=AGG_CAPTION.format("findings"),
+                    category="1. Findings", labels={"name": "findings", "type": "page"}),
+    resources:
+        **AGG_RESOURCES,
+    params:
+        **agg_params("findings"),
+    script:
+        AGG_SCRIPT
+
+
 AGG_TABLES = [f"table{i}" for i in range(1, 10)]
 AGG_FIGURES = [f"fig{i}" for i in range(1, 9)]
 
@@ -373,3 +402,4 @@ rule aggregate_all:
         AGG_OVERFIT,
         agg_path(AC.PROXY_SUMMARY),
         agg_path(AC.SCALING_JSON),
+        [agg_path(AC.FINDINGS, ext=e) for e in ("json", "md", "html")],

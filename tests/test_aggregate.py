@@ -445,8 +445,9 @@ def test_report_captions_render() -> None:
     from jinja2 import Environment
 
     rules = (ROOT / "workflow/rules/aggregate.smk").read_text()
-    names = {*(f"table{i}" for i in range(1, 10)), *(f"fig{i}" for i in range(1, 9)), "overfitting", "proxy", "scaling"}
-    assert names <= set(re.findall(r'agg_(?:table|figure)_outputs\("(\w+)"', rules)) | {"overfitting", "proxy", "scaling"}
+    extra = {"overfitting", "proxy", "scaling", "findings"}
+    names = {*(f"table{i}" for i in range(1, 10)), *(f"fig{i}" for i in range(1, 9)), *extra}
+    assert names <= set(re.findall(r'agg_(?:table|figure)_outputs\("(\w+)"', rules)) | extra
     fake = SimpleNamespace(config=fake_config(), params=SimpleNamespace(tolerance=0.02))
     for name in sorted(names):
         source = (ROOT / f"workflow/report/{name}.rst").read_text()

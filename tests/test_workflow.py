@@ -86,6 +86,7 @@ def test_paper_scale_plan_on_a_fake_imagenet(tmp_path: Path) -> None:
         "finetune": 4 * 5 * 6 * 3,  # four tasks for every cell
     }
     assert all(counts[f"table{i}"] == 1 for i in range(1, 10)) and all(counts[f"fig{i}"] == 1 for i in range(1, 9))
+    assert counts["findings"] == 1
     assert "--end-iter 437500" in out and "--decay-at 109375" in out
     # every training job asks for GPUs (more for bigger models); data and summary jobs for none
     blocks = re.findall(r"^(?:local)?rule (\w+):\n(.*?)(?=^\S|\Z)", out, re.M | re.S)

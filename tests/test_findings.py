@@ -306,15 +306,49 @@ def test_seed_spread_beside_effects() -> None:
     assert "Seed spread not measured; run `make demo-seeds`" in md and "exceeds" not in md
 
 
+# ------------------------------------------------------------------ beyond the paper's claims
+def _with_ratios(study: F.Study, ratio) -> F.Study:
+    rows = study.scores[study.scores["score"] == "val_loss"].copy()
+    rows["score"] = "val_loss_ratio"
+    rows["value"] = [ratio(m, d, n) for m, d, n in zip(rows["model"], rows["dataset"], rows["length"])]
+    study.scores = pd.concat([study.scores, rows], ignore_index=True)
+    return study
+
+
+def test_learns_holds_fails_and_not_testable() -> None:
+    assert by_name(F.study_findings(hand_study()))["learns"].verdict == F.UNTESTABLE  # no trivial loss
+    good = by_name(F.study_findings(_with_ratios(hand_study(), lambda m, d, n: 0.7 + 0.001 * n)))["learns"]
+    assert good.verdict == F.HOLDS and "0.710" in good.checks[0].text and "0.740" in good.checks[0].text
+    # one cell at the mean-colour level is enough to fail
+    bad = _with_ratios(hand_study(), lambda m, d, n: 0.97 if (m, d, n) == ("small", "tiny", 10) else 0.7)
+    f = by_name(F.study_findings(bad))["learns"]
+    assert f.verdict == F.FAILS and "small/tiny/10" in f.reason
+
+
+def test_helps_per_model_and_task() -> None:
+    def scratch(values):
+        return pd.DataFrame([{"model": m, "score": "in1k/top1", "value": v,
+                              "source": F.src_metrics("in1k", m, "scratch", 0)} for m, v in values.items()])
+
+    assert by_name(F.study_findings(hand_study()))["helps"].verdict == F.UNTESTABLE
+    # TOP1's best: big 85, small 82
+    f = by_name(F.study_findings(hand_study(scratch=scratch({"big": 80.0, "small": 81.0}))))["helps"]
+    assert f.verdict == F.HOLDS and len(f.checks) == 2
+    big = next(c for c in f.checks if c.name.endswith(", big"))
+    assert big.effects[0].value == pytest.approx(max(v for (m, _, _), v in TOP1.items() if m == "big") - 80.0)
+    f = by_name(F.study_findings(hand_study(scratch=scratch({"big": 80.0, "small": 82.0}))))["helps"]
+    assert f.verdict == F.FAILS and "small" in f.reason
+
+
 def test_writers_json_md_html() -> None:
     found = F.study_findings(hand_study())
     doc = json.loads(F.findings_json("hand", found, None))
-    assert [x["key"] for x in doc["findings"]] == ["i", "ii", "iii", "decoder", "sampling"]
+    assert [x["key"] for x in doc["findings"]] == ["i", "ii", "iii", "decoder", "sampling", "learns", "helps"]
     assert all(x["verdict"] in F.VERDICTS for x in doc["findings"]) and doc["seed_spread"]["measured"] is False
     md = F.findings_markdown("hand", found, None)
     assert "[85](../finetune/in1k/big/huge/40/metrics.json)" in md and "**Rule:**" in md
     page = F.findings_html("hand", found, None)
-    assert "<a href='../tables/table3.md'>" in page and page.count("<h3") == 5
+    assert "<a href='../tables/table3.md'>" in page and page.count("<h3") == 7
 
 
 # ------------------------------------------------------------------ end to end: the smoke study
@@ -392,8 +426,11 @@ def test_findings_target_on_the_smoke_study(tmp_path) -> None:
     verdicts = {f["key"]: f["verdict"] for f in doc["findings"]}
     assert set(verdicts.values()) <= set(F.VERDICTS)
     # one model; half vs two_classes is a fraction vs a class subset; 2 cells; one decoder
+    # the smoke tree's made-up summary has no trivial loss; its scratch scores are below the cells'
     assert verdicts == {"i": F.UNTESTABLE, "ii": F.UNTESTABLE, "iii": F.UNTESTABLE,
-                        "decoder": F.UNTESTABLE, "sampling": F.FAILS}
+                        "decoder": F.UNTESTABLE, "sampling": F.FAILS, "learns": F.UNTESTABLE,
+                        "helps": verdicts["helps"]}
+    assert verdicts["helps"] != F.UNTESTABLE
     reasons = {f["key"]: f["reason"] for f in doc["findings"]}
     assert "one model" in reasons["i"] and "fewer than 3" in reasons["iii"]
     sources = {n["source"] for f in doc["findings"] for c in f["checks"] for n in c["numbers"]}

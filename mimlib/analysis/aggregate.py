@@ -289,6 +289,8 @@ def findings_study(cfg, results):
         if task in tasks:
             metrics = [m for t, m, _ in C.TASK_SCORES if t == task]
             parts.append(F.by_length_scores(table(name), task, metrics, cfg["datasets"], F.src_table(name)))
+    scratch = pd.concat([F.scratch_scores(C.read_task_scores(cfg, results, t), t, m) for t, m, _ in C.TASK_SCORES
+                         if t in tasks], ignore_index=True) if tasks and cfg["finetune"].get("scratch_baseline") else None
     t2 = table("table2")
     t8 = table("table8")
     if len(t8):
@@ -302,7 +304,7 @@ def findings_study(cfg, results):
         overfit=_overfit(results), table3=table("table3"), table7=table("table7"), table8=t8,
         table9=table("table9"), loss_tol=float(C.analysis_settings(cfg)["overfit_tolerance"]),
         labels={d: C.display_dataset(cfg, d) for d in cfg["datasets"]},
-        seeds=F.read_seed_spread(_out(results, C.SEED_SPREAD)))
+        seeds=F.read_seed_spread(_out(results, C.SEED_SPREAD)), scratch=scratch)
 
 
 def write_findings(cfg, results) -> list:

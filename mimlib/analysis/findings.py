@@ -70,6 +70,8 @@ PROXY_STRONG = ("in1k/top1", "inat18/top1")
 #: Tables 8 / 9: two IN-1K top-1 this close (points) count as the same (the paper's 84.4 / 84.5
 #: and 83.5 / 83.4 are "the same"; it calls 0.3 "worse" and ~0.5 "a significant gap").
 SAME_TOP1 = 0.2
+#: "well below the trivial predictor": a cell's val loss at most this share of the trivial loss
+LEARNED_RATIO_MAX = 0.9
 #: an effect "exceeds the seed spread" when |effect| > SEED_SIGMAS x its combined seed std
 SEED_SIGMAS = 2.0
 
@@ -88,6 +90,10 @@ SRC_SEEDS = link(C.SEED_SPREAD)
 
 def src_table(name: str) -> str:
     return link(C.TABLE, name=name, ext="md")
+
+
+def src_figure(name: str) -> str:
+    return link(C.FIGURE, name=name, ext="png")
 
 
 def src_metrics(task: str, model: str, dataset: str, length: int) -> str:
@@ -174,6 +180,7 @@ class Study:
     loss_tol: float = C.ANALYSIS_DEFAULTS["overfit_tolerance"]
     labels: Mapping[str, str] = field(default_factory=dict)
     seeds: pd.DataFrame | None = None
+    scratch: pd.DataFrame | None = None  # from-scratch scores: model, score, value, source
 
     def ds(self, name: str) -> str:
         return str(self.labels.get(name, name))
@@ -772,8 +779,73 @@ def finding_sampling(study: Study) -> Finding:
     return Finding(key, title, STATEMENT_SAMP, rule, verdict, reason, checks, notes)
 
 
+# ------------------------------------------------------------------ beyond the paper's claims
+STATEMENT_LEARN = ("Masked image modeling learns structure: the reconstructions continue what the visible "
+                   "patches show (the paper's Figure 5), well beyond a predictor that knows only the colour.")
+RULE_LEARN = (f"Every pre-trained cell's validation loss is at most {LEARNED_RATIO_MAX:g} x the loss of the trivial "
+              "predictor (each masked pixel = the image's mean visible colour, on the same crops and masks): "
+              "val_loss_ratio in pretrain/summary.csv.")
+
+
+def finding_learns(study: Study) -> Finding:
+    key, title = "learns", "MIM learns more than the colour"
+    d = study.scores[study.scores["score"] == "val_loss_ratio"].dropna(subset=["value"])
+    if d.empty:
+        return untestable(key, title, STATEMENT_LEARN, RULE_LEARN,
+                          "no val_loss_ratio in the pre-training summary (no trivial loss logged)")
+    worst = d.loc[d["value"].idxmax()]
+    best = d.loc[d["value"].idxmin()]
+    above = d[d["value"] > LEARNED_RATIO_MAX]
+    cell = lambda r: f"{r['model']}/{study.ds(r['dataset'])}/{int(r['length'])}"  # noqa: E731
+    ok = above.empty
+    check = Check(f"val_loss_ratio <= {LEARNED_RATIO_MAX:g} in all {len(d)} cells",
+                  f"ratios {float(best['value']):.3f} ({cell(best)}) to {float(worst['value']):.3f} ({cell(worst)})",
+                  HOLDS if ok else FAILS,
+                  "" if ok else f"{len(above)} cell(s) above, e.g. {cell(worst)}",
+                  [Number(f"val_loss_ratio {cell(best)} (lowest)", float(best["value"]), SRC_SUMMARY),
+                   Number(f"val_loss_ratio {cell(worst)} (highest)", float(worst["value"]), SRC_SUMMARY)])
+    verdict, reason = combine([check])
+    return Finding(key, title, STATEMENT_LEARN, RULE_LEARN, verdict, reason, [check],
+                   [f"Figure 5 ({src_figure('fig5')}) shows the reconstructions themselves."])
+
+
+STATEMENT_HELPS = "Pre-training helps: a pre-trained model fine-tunes better than the same model from scratch."
+RULE_HELPS = ("For every task score and every model: the model's best pre-trained score (over datasets and "
+              "lengths) is above its from-scratch score.")
+
+
+def finding_helps(study: Study) -> Finding:
+    key, title = "helps", "Pre-training beats training from scratch"
+    if study.scratch is None or study.scratch.empty:
+        return untestable(key, title, STATEMENT_HELPS, RULE_HELPS, "the study has no from-scratch baselines")
+    checks = []
+    for score in dict.fromkeys(study.scratch["score"]):
+        label = score_label(score)
+        for model in study.models:
+            sc = study.scratch[(study.scratch["score"] == score) & (study.scratch["model"] == model)]
+            pre = study.scores[(study.scores["score"] == score) & (study.scores["model"] == model)].dropna(
+                subset=["value"])
+            name = f"{label}, {model}"
+            if sc.empty or not _finite(sc["value"].iloc[0]) or pre.empty:
+                checks.append(Check(name, "no scratch or pre-trained score", UNTESTABLE, "missing scores"))
+                continue
+            b = pre.loc[pre["value"].idxmax()]
+            s0 = float(sc["value"].iloc[0])
+            ok = float(b["value"]) > s0
+            cell = f"{study.ds(b['dataset'])}/{int(b['length'])}"
+            checks.append(Check(name, f"best pre-trained {float(b['value']):.4g} ({cell}) vs scratch {s0:.4g}",
+                                HOLDS if ok else FAILS, "" if ok else "scratch is as good or better",
+                                [Number(f"{label} {model} best pre-trained ({cell})", float(b["value"]),
+                                        str(b["source"])),
+                                 Number(f"{label} {model} from scratch", s0, str(sc["source"].iloc[0]))],
+                                [Effect(f"{label} {model}: best pre-trained - scratch", float(b["value"]) - s0,
+                                        [])]))
+    verdict, reason = combine(checks)
+    return Finding(key, title, STATEMENT_HELPS, RULE_HELPS, verdict, reason, checks)
+
+
 # ------------------------------------------------------------------ all findings
-RULES = (finding_i, finding_ii, finding_iii, finding_decoder, finding_sampling)
+RULES = (finding_i, finding_ii, finding_iii, finding_decoder, finding_sampling, finding_learns, finding_helps)
 
 
 def study_findings(study: Study) -> list[Finding]:
@@ -783,7 +855,8 @@ def study_findings(study: Study) -> list[Finding]:
 # ------------------------------------------------------------------ inputs (from the result files' frames)
 def loss_scores(summary: pd.DataFrame) -> pd.DataFrame:
     """The pre-training summary as long ``scores`` rows (train_loss, val_loss)."""
-    out = summary.melt(id_vars=["model", "dataset", "length"], value_vars=["train_loss", "val_loss"],
+    values = [c for c in ("train_loss", "val_loss", "val_loss_ratio") if c in summary.columns]
+    out = summary.melt(id_vars=["model", "dataset", "length"], value_vars=values,
                        var_name="score", value_name="value")
     out["source"] = SRC_SUMMARY
     return out[SCORE_COLUMNS]
@@ -814,6 +887,13 @@ def by_length_scores(table: pd.DataFrame, task: str, metrics: Sequence[str], dat
                                  "score": f"{task}/{m}", "value": float(r[col]) if _finite(r[col]) else math.nan,
                                  "source": source})
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def scratch_scores(task_scores: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
+    """The from-scratch rows of ``common.read_task_scores`` (model, score, value, source)."""
+    df = task_scores[task_scores["dataset"] == paths.SCRATCH]
+    return pd.DataFrame({"model": df["model"], "score": f"{task}/{metric}", "value": df[metric].astype(float),
+                         "source": [src_metrics(task, m, paths.SCRATCH, 0) for m in df["model"]]})
 
 
 def read_seed_spread(path: str | os.PathLike[str]) -> pd.DataFrame | None:
@@ -856,7 +936,8 @@ def findings_json(study_name: str, findings: Sequence[Finding], seeds: pd.DataFr
     doc = {"study": study_name, "verdicts": list(VERDICTS),
            "seed_spread": {"measured": seeds is not None, "source": SRC_SEEDS if seeds is not None else None,
                            "note": seed_note(seeds), "sigmas": SEED_SIGMAS},
-           "constants": {"PROXY_R_MAX": PROXY_R_MAX, "SAME_TOP1": SAME_TOP1},
+           "constants": {"PROXY_R_MAX": PROXY_R_MAX, "SAME_TOP1": SAME_TOP1,
+                         "LEARNED_RATIO_MAX": LEARNED_RATIO_MAX},
            "findings": [asdict(f) for f in findings]}
     return json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n"
 

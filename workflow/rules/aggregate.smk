@@ -376,7 +376,7 @@ rule findings:
         summary=AGG_SUMMARY,
         overfit=AGG_OVERFIT,
         tables=[agg_path(AC.TABLE, name=f"table{i}", ext="csv") for i in range(2, 10)],
-        in1k=agg_metrics("in1k", scratch=False),
+        metrics=[p for task in AGG_TASKS for p in agg_metrics(task)],  # scratch too (pre-training helps)
         seeds=[AGG_SEEDS] if os.path.exists(AGG_SEEDS) else [],
     output:
         json=agg_path(AC.FINDINGS, ext="json"),

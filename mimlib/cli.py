@@ -14,6 +14,35 @@ from pathlib import Path
 from typing import Sequence
 
 
+def _cmd_seed_study(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mimlib.analysis.seeds import key_cells, seed_study_config, seed_targets
+    from mimlib.config import load_config, validate_config
+
+    cfg = load_config(args.config)
+    study = validate_config(seed_study_config(cfg, args.seed))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(yaml.safe_dump(study, sort_keys=False))
+    print("\n".join(seed_targets(study, key_cells(cfg, cfg["results"]))))
+    return 0
+
+
+def _cmd_seed_spread(args: argparse.Namespace) -> int:
+    from mimlib.analysis.seeds import SEED_STUDY, SPREAD, seed_spread
+    from mimlib.config import load_config
+
+    cfg = load_config(args.config)
+    studies = [Path(cfg["results"])] + [Path(cfg["results"]) / SEED_STUDY.format(seed=s) for s in args.seeds]
+    table = seed_spread(cfg, studies)
+    out = Path(cfg["results"]) / SPREAD
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.6g")
+    print(f"{out}: {len(table)} quantities over seeds {cfg['seed']} {' '.join(map(str, args.seeds))}")
+    print(table.drop(columns="values").to_string(index=False))
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from mimlib.config import load_config, pretrain_cells
 
@@ -153,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
+    s = sub.add_parser("seed-study", help="write a seed study's config and print its targets (make demo-seeds)")
+    s.add_argument("--config", required=True, help="the main study's config")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--out", required=True, help="the seed study's config file to write")
+    s.set_defaults(func=_cmd_seed_study)
+    s = sub.add_parser("seed-spread", help="seed-to-seed spread of the key numbers -> <results>/analysis/seed_spread.csv")
+    s.add_argument("--config", required=True, help="the main study's config")
+    s.add_argument("--seeds", type=int, nargs="+", required=True, help="the seed studies' seeds")
+    s.set_defaults(func=_cmd_seed_spread)
     s = sub.add_parser("check-config", help="validate a study config and count its cells")
     s.add_argument("config")
     s.add_argument("--no-paths", action="store_true", help="do not check that dataset folders exist")

@@ -5,7 +5,7 @@ rule demo_data:
     output:
         directory(res(P.DEMO_SOURCE)),
     params:
-        spec=lambda wc: quoted_json({**CFG["demo_data"], "seed": CFG["seed"]}),
+        spec=lambda wc: quoted_json({"seed": CFG["seed"], **CFG["demo_data"]}),
     log:
         res("logs/demo_data/{source}.log"),
     shell:

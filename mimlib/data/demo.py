@@ -15,9 +15,10 @@ class-specific frequency, orientation and three-colour palette; each image draws
 phase, scale, rotation jitter and colour jitter. Textures are smooth (sinusoids plus mild
 noise), so local context predicts masked pixels and SimMIM has something to learn.
 
-With ``recolour=True`` (the ImageNet and iNat layouts) every textured region draws its own
-random palette, so a class is its *structure* (family, orientation, frequency), not its
-colour, as in natural images: a classifier has to see stripes, not hues. Flat "clutter"
+With ``hue_jitter`` (the ImageNet and iNat layouts) every textured region draws its own
+palette around its class's hue, so colour is only a weak cue and a class is mostly its
+*structure* (family and orientation; the period is drawn per image), as in natural images: a
+classifier has to see stripes, not only hues. Flat "clutter"
 shapes of random colour and place are each image's own content: where a mask hides one
 whole, nothing visible implies it, so only a model that has seen (memorised) that image can
 restore it — the paper's "remembering" as opposed to "reasoning".
@@ -52,7 +53,14 @@ __all__ = [
     "write_classification_demo",
 ]
 
-FAMILIES = ("stripes", "checker", "rings", "waves")
+FAMILIES = ("stripes", "waves", "checker", "rings", "spiral", "dots", "dashes")
+#: A class's structure: (family, orientation). Orientations are 0 / 90 degrees (or 0 / 45 for
+#: the checker and dot grids) so that a horizontal flip keeps the class, and the period is drawn
+#: per image, so that a random resized crop (which rescales it) keeps the class too: what tells
+#: classes apart survives the augmentations of pre-training and fine-tuning.
+VARIANTS = ((0, 0.0), (0, np.pi / 2), (1, 0.0), (1, np.pi / 2), (2, 0.0), (2, np.pi / 4),
+            (3, 0.0), (4, 0.0), (5, 0.0), (5, np.pi / 4), (6, 0.0), (6, np.pi / 2))
+BASE_FREQ = 1 / 48  # cycles / px; images draw 0.7-1.4x (periods ~34-69 px)
 GENERATOR_VERSION = 2  # bump when rendering changes, so cached demo sets can be told apart
 
 
@@ -74,6 +82,7 @@ class ClassStyle:
     angle: float
     freq: float
     palette: np.ndarray = field(repr=False)  # (3, 3) float32 RGB in [0, 255]
+    hue: float = 0.0  # the palette's main hue, in [0, 1)
 
 
 def class_style(class_id: int, seed: int = 0) -> ClassStyle:
@@ -87,24 +96,21 @@ def class_style(class_id: int, seed: int = 0) -> ClassStyle:
             (hue + dh) % 1.0, s * rng.uniform(0.8, 1.0), v * rng.uniform(0.85, 1.0)
         )
         palette.append((255 * r, 255 * g, 255 * b))
-    # Classes of one family are told apart by orientation and frequency: the k-th class of a
-    # family turns by 60 degrees and shortens its period by 1.5x (rings, which have no
-    # orientation, differ in period alone), so structure separates classes even when colours
-    # are drawn per image. Periods of ~25-70 px are longer than a mask cell at the demo's
-    # scale, so the visible neighbours of a masked cell imply what it holds.
-    k = class_id // len(FAMILIES)
+    family, angle = VARIANTS[class_id % len(VARIANTS)]
     return ClassStyle(
-        family=class_id % len(FAMILIES),
-        angle=float((k * np.pi / 3 + rng.uniform(0, np.pi / 12)) % np.pi),
-        freq=float(rng.uniform(1 / 72, 1 / 56) * 1.5 ** (k % 3)),
+        family=family,
+        angle=float(angle + rng.uniform(-0.05, 0.05)),
+        freq=BASE_FREQ,  # each image scales it (see _texture): the period is not a class cue
         palette=np.asarray(palette, dtype=np.float32),
+        hue=float(hue),
     )
 
 
-def random_palette(rng: np.random.Generator) -> np.ndarray:
-    """A three-colour palette of random hue with the same light / dark / muted structure as
-    the class palettes (used by ``recolour``)."""
-    hue = rng.uniform(0, 1)
+def random_palette(rng: np.random.Generator, hue: float, hue_jitter: float) -> np.ndarray:
+    """A three-colour palette around ``hue`` (plus a normal jitter of std ``hue_jitter``, in
+    turns of the colour wheel) with the same light / dark / muted structure as the class
+    palettes; saturation and value vary too."""
+    hue = hue + rng.normal(0.0, hue_jitter)
     palette = []
     for dh, s, v in ((0.0, 0.75, 0.9), (0.08, 0.45, 0.45), (-0.1, 0.3, 0.7)):
         r, g, b = colorsys.hsv_to_rgb((hue + dh) % 1.0, s * rng.uniform(0.6, 1.0), v * rng.uniform(0.8, 1.0))
@@ -119,7 +125,7 @@ def _texture(
     """Render ``style`` on the pixel grid ``ys, xs`` (float32, broadcastable) -> (h, w, 3) float32,
     in ``palette`` instead of the class's own when one is given."""
     angle = style.angle + rng.normal(0.0, 0.12)
-    freq = style.freq * rng.uniform(0.8, 1.25)
+    freq = style.freq * rng.uniform(0.7, 1.4)
     phase = rng.uniform(0, 2 * np.pi)
     c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
     u = xs * c + ys * s
@@ -127,14 +133,20 @@ def _texture(
     w = np.float32(2 * np.pi * freq)
     if style.family == 0:  # oriented stripes
         t = 0.5 + 0.5 * np.sin(w * u + phase)
-    elif style.family == 1:  # soft checkerboard
+    elif style.family == 1:  # wavy stripes
+        t = 0.5 + 0.5 * np.sin(w * u + 2.0 * np.sin(0.4 * w * v) + phase)
+    elif style.family == 2:  # soft checkerboard
         t = 0.5 + 0.5 * np.tanh(2.5 * np.sin(w * u + phase) * np.sin(w * v + phase))
-    elif style.family == 2:  # concentric rings around a random centre
+    elif style.family in (3, 4):  # concentric rings / a three-armed spiral around a random centre
         cy = rng.uniform(ys.min(), ys.max() + 1)
         cx = rng.uniform(xs.min(), xs.max() + 1)
-        t = 0.5 + 0.5 * np.sin(w * np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2) + phase)
-    else:  # wavy stripes
-        t = 0.5 + 0.5 * np.sin(w * u + 2.0 * np.sin(0.4 * w * v) + phase)
+        r = np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2)
+        arms = 3.0 * np.arctan2(ys - cy, xs - cx) if style.family == 4 else 0.0
+        t = 0.5 + 0.5 * np.sin(w * r + arms + phase)
+    elif style.family == 5:  # a grid of soft dots
+        t = ((0.5 + 0.5 * np.sin(w * u + phase)) * (0.5 + 0.5 * np.sin(w * v + phase))) ** 0.7
+    else:  # dashed stripes: stripes broken every other half period along their length
+        t = 0.5 + 0.5 * np.sin(w * u + phase) * (0.5 + 0.5 * np.tanh(4 * np.sin(0.5 * w * v + phase)))
     t = np.broadcast_to(t, np.broadcast_shapes(ys.shape, xs.shape)).astype(np.float32)
     # A slow gradient towards the third colour adds low-frequency structure.
     g_angle = rng.uniform(0, 2 * np.pi)
@@ -204,23 +216,24 @@ def render_scene(
     objects: list[int] | tuple[int, ...] = (),
     clutter: int = 0,
     noise: float = 2.0,
-    recolour: bool = False,
+    hue_jitter: float | None = None,
     clutter_size: tuple[float, float] = (0.1, 0.25),
 ) -> Scene:
     """Render one scene of ``height x width``.
 
     ``objects`` are class ids painted in order (later ones occlude earlier ones) as shapes
     filled with their class texture; ``clutter`` flat-colour shapes (``clutter_size`` of the
-    short side) are painted on the background first and count as background. ``recolour``
-    gives every textured region a random palette (see the module doc).
+    short side) are painted on the background first and count as background. ``hue_jitter``
+    (turns of the colour wheel) gives every textured region its own palette around its class's
+    hue (see the module doc); None keeps the class palettes.
     """
     ys = np.arange(height, dtype=np.float32)[:, None]
     xs = np.arange(width, dtype=np.float32)[None, :]
 
-    def palette() -> np.ndarray | None:
-        return random_palette(rng) if recolour else None
+    def palette(c: int) -> np.ndarray | None:
+        return None if hue_jitter is None else random_palette(rng, styles[c].hue, hue_jitter)
 
-    img = _texture(styles[background_class], rng, ys, xs, palette())
+    img = _texture(styles[background_class], rng, ys, xs, palette(background_class))
     for _ in range(clutter):
         m = _shape_mask(rng, height, width, clutter_size)
         img[m] = rng.uniform(40, 215, size=3).astype(np.float32)
@@ -233,7 +246,7 @@ def render_scene(
             continue
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         # Texture only inside the box: cheaper, and coordinates stay global so it lines up.
-        patch = _texture(styles[c], rng, ys[y0:y1], xs[:, x0:x1], palette())
+        patch = _texture(styles[c], rng, ys[y0:y1], xs[:, x0:x1], palette(c))
         sub = m[y0:y1, x0:x1]
         img[y0:y1, x0:x1][sub] = patch[sub]
         full_masks.append(m)
@@ -269,6 +282,7 @@ class ClassificationDemoSpec:
     quality: int = 90
     odd_files: bool = False
     max_clutter: int = 4  # flat random shapes per image: 1..max_clutter (0 = none)
+    hue_jitter: float = 0.1  # std of each region's hue around its class's (turns of the wheel)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.train_per_class < 1 or self.val_per_class < 0:
@@ -283,7 +297,8 @@ def _render_classification_image(spec: ClassificationDemoSpec, styles: dict[int,
     h, w = (int(v) for v in rng.integers(spec.min_size, spec.max_size + 1, size=2))
     n_obj = int(rng.integers(0, 3))
     clutter = int(rng.integers(1, spec.max_clutter + 1)) if spec.max_clutter else 0
-    scene = render_scene(rng, h, w, styles, c, objects=[c] * n_obj, clutter=clutter, recolour=True)
+    scene = render_scene(rng, h, w, styles, c, objects=[c] * n_obj, clutter=clutter,
+                         hue_jitter=spec.hue_jitter)
     return Image.fromarray(scene.image, "RGB")
 
 

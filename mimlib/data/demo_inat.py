@@ -68,7 +68,7 @@ def _render(spec: InatDemoSpec, styles: dict, split: str, c: int, k: int) -> Ima
     h, w = (int(v) for v in rng.integers(spec.min_size, spec.max_size + 1, size=2))
     sid = STYLE_OFFSET + c
     scene = render_scene(rng, h, w, styles, sid, objects=[sid] * int(rng.integers(0, 3)),
-                         clutter=int(rng.integers(1, 5)), recolour=True)
+                         clutter=int(rng.integers(1, 5)), hue_jitter=0.1)
     return Image.fromarray(scene.image, "RGB")
 
 

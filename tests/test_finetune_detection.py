@@ -243,7 +243,9 @@ def test_lsj_keeps_boxes_and_masks_consistent(coco_demo: Path) -> None:
                 gb = geo_boxes[k]
                 assert bool((mb[:2] >= gb[:2] - 1).all() and (mb[2:] <= gb[2:] + 1).all()), (gb, mb)
                 if scales[0] >= 1.0 and bool((gb[:2] > 0.5).all() and (gb[2:] < 95.5).all()):
-                    assert torch.allclose(gb, mb, atol=1.0), (gb, mb)
+                    # A tip thinner than a pixel is in the annotation's box but not in its
+                    # rasterised mask; upscaling (at most 2x) stretches that pixel to 2.
+                    assert torch.allclose(gb, mb, atol=1.0 + scales[1]), (gb, mb)
                     n_inside += 1
     assert n_inside > 5
 

@@ -140,7 +140,8 @@ def read_task_scores(cfg: Mapping[str, Any], results: str | Path, task: str) -> 
 def read_pretrain_summary(cfg: Mapping[str, Any], summary_csv: str | Path) -> pd.DataFrame:
     """The pre-training summary restricted to (and completed with) the config's cells.
 
-    Columns: model, dataset, length, train_loss, val_loss (NaN for a cell the summary lacks).
+    Columns: model, dataset, length, train_loss, val_loss (NaN for a cell the summary lacks),
+    and trivial_val_loss, val_loss_ratio where the summary has them.
     """
     cells = pd.DataFrame([(c.model, c.dataset, c.length) for c in pretrain_cells(cfg)],
                          columns=["model", "dataset", "length"])
@@ -148,7 +149,7 @@ def read_pretrain_summary(cfg: Mapping[str, Any], summary_csv: str | Path) -> pd
     if path.exists():
         summary = pd.read_csv(path)
         summary["length"] = summary["length"].astype(int)
-        keep = [c for c in ("train_loss", "val_loss") if c in summary.columns]
+        keep = [c for c in ("train_loss", "val_loss", "trivial_val_loss", "val_loss_ratio") if c in summary.columns]
         cells = cells.merge(summary[["model", "dataset", "length", *keep]], how="left",
                             on=["model", "dataset", "length"])
     for col in ("train_loss", "val_loss"):

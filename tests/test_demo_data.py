@@ -148,8 +148,7 @@ def test_classes_are_told_by_structure_more_than_colour_and_images_smooth(tmp_pa
     write_classification_demo(out, ClassificationDemoSpec(num_classes=10, train_per_class=20, val_per_class=10,
                                                           min_size=64, max_size=112, seed=0))
     # Chance is 0.1. Hues vary around the class's, so the mean colour is a weak cue (measured
-    # 0.43; 0.95 with the class palettes of generator version 1); the structure a stronger one
-    # (0.57 from the spectrum magnitude alone).
+    # 0.43); the structure a stronger one (0.57 from the spectrum magnitude alone).
     colour, structure = _nearest_centroid_accuracy(out, "colour"), _nearest_centroid_accuracy(out, "structure")
     assert 0.2 < colour < 0.6, colour
     assert structure > 0.45 and structure > colour, (structure, colour)

@@ -163,7 +163,9 @@ class SimMIM(nn.Module):
 
     def forward_losses(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,) per-image losses, same formula per image (used for the validation loss)."""
-        lm, m = self.loss_map(images, mask)
+        return self._per_image(*self.loss_map(images, mask))
+
+    def _per_image(self, lm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return lm.sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) + 1e-5) / self.in_chans
 
     def trivial_losses(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -173,8 +175,7 @@ class SimMIM(nn.Module):
         target = self.targets(images)
         visible = 1.0 - self.pixel_mask(mask)
         mean = (target * visible).sum(dim=(2, 3), keepdim=True) / (visible.sum(dim=(2, 3), keepdim=True) + 1e-5)
-        lm, m = self._masked_loss(target, mean.expand_as(target), mask)
-        return lm.sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) + 1e-5) / self.in_chans
+        return self._per_image(*self._masked_loss(target, mean.expand_as(target), mask))
 
 
 def build_simmim(

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 # for the other sizes; the CPU demo sizes at 96 px on one core.
 DEFAULT_IMAGES_PER_S = {
     "swinv2_s": 2000.0, "swinv2_b": 1100.0, "swinv2_l": 500.0, "swinv2_h": 150.0, "swinv2_g": 95.0,
-    "swinv2_pico": 60.0, "swinv2_nano": 45.0, "default": 100.0,
+    "swinv2_pico": 60.0, "swinv2_nano": 45.0, "swinv2_pico3": 60.0, "swinv2_nano3": 40.0, "default": 100.0,
 }
 DEFAULT_FINETUNE_RUNTIME_MIN = {"in1k": 2880.0, "inat18": 1440.0, "coco": 1440.0, "ade20k": 960.0, "default": 60.0}
 

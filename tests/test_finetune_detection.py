@@ -463,3 +463,31 @@ def test_recipe_check_and_schedule() -> None:
     assert D.detection_lr(27 * ipe - 1, r, ipe) == pytest.approx(8e-5)
     assert D.detection_lr(27 * ipe, r, ipe) == pytest.approx(8e-6)
     assert D.detection_lr(33 * ipe, r, ipe) == pytest.approx(8e-7)
+
+
+def test_three_stage_encoder_gets_four_fpn_levels_and_matching_anchors(tmp_path: Path) -> None:
+    # The demo's 3-stage sizes (stride 16): FPN levels '0'-'2' + pool, RoI pooling on '0'-'2'.
+    path = _ckpt(tmp_path / "pico3.pt", model="swinv2_pico3", img_size=96, window=6)
+    model, info = build_mask_rcnn("swinv2_pico3", path, 3, img_size=128, window_size=8, drop_path=0.0,
+                                  min_size=128, max_size=128, fpn_channels=16, representation_size=32,
+                                  mask_head_channels=16, anchor_sizes=[16, 32, 64, 128])
+    assert info["pretrained_window_sizes"] == (6, 6, 6)
+    masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    masks[0, 10:60, 20:90] = 1
+    target = {"boxes": torch.tensor([[20.0, 10, 90, 60]]), "labels": torch.tensor([2]), "masks": masks}
+    model.train()
+    losses = model([torch.rand(3, 128, 128)], [target])
+    assert set(losses) == set(D._LOSS_NAMES) and all(math.isfinite(float(v.detach())) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.body.encoder.layers[2].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        feats = model.backbone(torch.rand(1, 3, 128, 128))
+        (out,) = model([torch.rand(3, 100, 120)])
+    assert list(feats) == ["0", "1", "2", "pool"] and feats["2"].shape[-2:] == (8, 8)
+    assert out["masks"].shape[-2:] == (100, 120)
+    # The usual five P2-P6 sizes do not fit 4 levels; the error says how many are needed.
+    with pytest.raises(ValueError, match=r"one size per FPN level \(4\)"):
+        build_mask_rcnn("swinv2_pico3", None, 3, img_size=128, window_size=8, anchor_sizes=[8, 16, 32, 64, 128])
+    with pytest.raises(ValueError, match="give anchor_sizes"):
+        build_mask_rcnn("swinv2_pico3", None, 3, img_size=128, window_size=8)

@@ -88,15 +88,16 @@ def test_window_clipping_192_w12() -> None:
     assert got == [(12, 6), (12, 6), (12, 0), (6, 0)]
 
 
-@pytest.mark.parametrize("name", ["swinv2_pico", "swinv2_nano"])
-def test_demo_sizes_forward(name: str) -> None:
+@pytest.mark.parametrize("name,stride", [("swinv2_pico", 32), ("swinv2_nano", 32), ("swinv2_pico3", 16), ("swinv2_nano3", 16)])
+def test_demo_sizes_forward(name: str, stride: int) -> None:
     torch.manual_seed(0)
     model = build_simmim(name, img_size=128, window_size=8)
+    assert model.encoder_stride == stride
     x = torch.randn(2, 3, 128, 128)
     mask = torch.zeros(2, 32, 32, dtype=torch.uint8)
     mask[:, :16] = 1
     feats = model.forward_features(x, mask)
-    assert feats.shape == (2, MODELS[name].num_features, 4, 4)
+    assert feats.shape == (2, MODELS[name].num_features, 128 // stride, 128 // stride)
     loss = model(x, mask)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
@@ -114,3 +115,13 @@ def test_encoder_state_dict_loads_at_other_resolution() -> None:
 def test_img_size_must_match_stride() -> None:
     with pytest.raises(ValueError, match="stride 32"):
         build_simmim("swinv2_pico", img_size=100, window_size=5)
+    with pytest.raises(ValueError, match="stride 16"):
+        build_simmim("swinv2_pico3", img_size=88, window_size=11)
+
+
+def test_encoder_without_pretraining_windows_fits_any_stage_count() -> None:
+    # One 0 per stage by default; an explicit tuple must have one entry per stage.
+    enc = build_encoder("swinv2_pico3", img_size=96, window_size=6)
+    assert len(enc.layers) == 3 and enc.num_features == MODELS["swinv2_pico3"].num_features
+    with pytest.raises(ValueError, match="needs 3 entries"):
+        build_encoder("swinv2_pico3", img_size=96, window_size=6, pretrained_window_sizes=(0, 0, 0, 0))

@@ -104,8 +104,9 @@ def check_recipe(recipe: Mapping[str, Any]) -> None:
         problems.append(f"step_epochs {r['step_epochs']} must be increasing, within 1..epochs={r['epochs']}")
     if r["img_size"] % 32:
         problems.append(f"img_size {r['img_size']} is not a multiple of the stride 32")
-    if len(r["anchor_sizes"]) != 5:
-        problems.append(f"anchor_sizes {r['anchor_sizes']} needs 5 sizes (P2-P6)")
+    # One size per FPN level: stages + 1 (P2-P6 for 4 stages); the model build checks the count.
+    if len(r["anchor_sizes"]) < 2 or any(not isinstance(a, int) or a <= 0 for a in r["anchor_sizes"]):
+        problems.append(f"anchor_sizes {r['anchor_sizes']} needs a positive size per FPN level (5 for P2-P6)")
     if r["eval_backend"] not in ("pycocotools", "faster_coco_eval"):
         problems.append(f"eval_backend {r['eval_backend']!r} is not pycocotools or faster_coco_eval")
     if r["checkpoint_every"] % r["log_every"]:

@@ -36,7 +36,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
@@ -59,7 +59,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SwinV2Features(nn.Module):
-    """Multi-scale maps of a timm SwinV2: {'0': stride 4, ..., '3': stride 32}, NCHW.
+    """Multi-scale maps of a timm SwinV2, one per stage: {'0': stride 4, '1': stride 8, ...}, NCHW.
 
     Each stage output goes through its own LayerNorm (channels last) before the transpose.
     """
@@ -84,7 +84,7 @@ class SwinV2Features(nn.Module):
 
 
 class SwinV2FPN(nn.Module):
-    """SwinV2 features + FPN (keys '0'-'3' and 'pool', ``out_channels`` each)."""
+    """SwinV2 features + FPN (a key per stage, '0', '1', ..., and 'pool'; ``out_channels`` each)."""
 
     def __init__(self, encoder: SwinTransformerV2, out_channels: int = 256):
         super().__init__()
@@ -153,11 +153,19 @@ def build_mask_rcnn(
     if grad_checkpointing:
         encoder.set_grad_checkpointing(True)
     backbone = SwinV2FPN(encoder, fpn_channels)
+    # One FPN level per encoder stage plus the max-pooled one (P2-P6 for the usual 4 stages).
+    stage_names = [str(i) for i in range(len(encoder.layers))]
+    levels = len(stage_names) + 1
     kw: dict[str, Any] = {}
     if anchor_sizes is not None:
-        if len(anchor_sizes) != 5:
-            raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {anchor_sizes}")
-        kw["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        if len(anchor_sizes) != levels:
+            raise ValueError(f"anchor_sizes needs one size per FPN level ({levels}), got {anchor_sizes}")
+        kw["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    elif levels != 5:
+        raise ValueError(f"{model_name} has {levels} FPN levels: give anchor_sizes, one per level")
+    if stage_names != ["0", "1", "2", "3"]:  # torchvision's default RoI poolers read '0'-'3'
+        kw["box_roi_pool"] = MultiScaleRoIAlign(stage_names, output_size=7, sampling_ratio=2)
+        kw["mask_roi_pool"] = MultiScaleRoIAlign(stage_names, output_size=14, sampling_ratio=2)
     box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
     mask_head = MaskRCNNHeads(fpn_channels, [mask_head_channels] * mask_head_convs, 1)
     model = MaskRCNN(

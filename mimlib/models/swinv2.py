@@ -29,7 +29,7 @@ def build_encoder(
     img_size: int = 192,
     window_size: int = 12,
     drop_path_rate: float = 0.1,
-    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0),
+    pretrained_window_sizes: tuple[int, ...] | None = None,
     patch_size: int = 4,
     **kw: Any,
 ) -> SwinTransformerV2:
@@ -40,6 +40,8 @@ def build_encoder(
     ``strict_img_size=False``, ``always_partition=True``).
     """
     spec = get_spec(name)
+    if pretrained_window_sizes is None:  # no pre-training windows: one 0 per stage
+        pretrained_window_sizes = (0,) * len(spec.depths)
     if len(pretrained_window_sizes) != len(spec.depths):
         raise ValueError(
             f"pretrained_window_sizes {pretrained_window_sizes} needs {len(spec.depths)} entries"

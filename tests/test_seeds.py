@@ -15,6 +15,7 @@ import yaml
 from mimlib import paths
 from mimlib.analysis.seeds import key_cells, seed_spread, seed_study_config, seed_targets
 from mimlib.config import load_config, validate_config
+from mimlib.models.registry import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,8 @@ def test_key_cells_and_targets_from_the_manifests(tmp_path: Path) -> None:
         key_cells(cfg, cfg["results"])
     _manifests(cfg, {"in1k_1": 10, "in1k_10": 100, "in1k_100": 1000})
     cells = key_cells(cfg, cfg["results"])
-    big, lo, hi = "swinv2_nano", min(cfg["lengths"]), max(cfg["lengths"])
+    big = max(cfg["models"], key=lambda m: MODELS[m].embed_dim)  # the demo's larger size
+    lo, hi = min(cfg["lengths"]), max(cfg["lengths"])
     assert cells == [(big, "in1k_1", lo), (big, "in1k_1", hi), (big, "in1k_100", lo), (big, "in1k_100", hi)]
     study = validate_config(seed_study_config(cfg, 1))
     targets = seed_targets(study, cells)

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 # Fallback throughput (images/s of one process) where the config gives none: one H200 at
 # 192 px, bf16 (docs/measurements.md: SwinV2-B 716 eager, 1,187 compiled), scaled by FLOPs
-# for the other sizes; the CPU demo sizes at 96 px on one core.
+# for the other sizes; the CPU demo sizes at 96 px on one core (pico3 / nano3: 32 x 48 images
+# over the demo's 384-iteration branches, 24.6-30.9 s and 38.9-47.6 s with two jobs sharing 2 cores).
 DEFAULT_IMAGES_PER_S = {
     "swinv2_s": 2000.0, "swinv2_b": 1100.0, "swinv2_l": 500.0, "swinv2_h": 150.0, "swinv2_g": 95.0,
     "swinv2_pico": 60.0, "swinv2_nano": 45.0, "swinv2_pico3": 60.0, "swinv2_nano3": 40.0, "default": 100.0,

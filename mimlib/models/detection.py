@@ -163,9 +163,9 @@ def build_mask_rcnn(
         kw["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     elif levels != 5:
         raise ValueError(f"{model_name} has {levels} FPN levels: give anchor_sizes, one per level")
-    if stage_names != ["0", "1", "2", "3"]:  # torchvision's default RoI poolers read '0'-'3'
-        kw["box_roi_pool"] = MultiScaleRoIAlign(stage_names, output_size=7, sampling_ratio=2)
-        kw["mask_roi_pool"] = MultiScaleRoIAlign(stage_names, output_size=14, sampling_ratio=2)
+    # torchvision's default poolers, on the levels this encoder has (its defaults read '0'-'3').
+    kw["box_roi_pool"] = MultiScaleRoIAlign(stage_names, output_size=7, sampling_ratio=2)
+    kw["mask_roi_pool"] = MultiScaleRoIAlign(stage_names, output_size=14, sampling_ratio=2)
     box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
     mask_head = MaskRCNNHeads(fpn_channels, [mask_head_channels] * mask_head_convs, 1)
     model = MaskRCNN(

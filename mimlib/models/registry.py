@@ -61,7 +61,7 @@ MODELS: dict[str, SwinV2Spec] = {
         # The embedded demo's sizes: 3 stages (stride 16). SimMIM's linear decoder predicts a
         # 16x16 patch per token instead of 32x32, and at 96 px the last map is 6x6, not 3x3:
         # at the same cost per step the masked-pixel loss leaves the mean-colour plateau
-        # ~3x sooner (docs/demo.md has the measured curves).
+        # 2-3x sooner (docs/measurements.md has the measured ratios).
         SwinV2Spec("swinv2_pico3", 24, (1, 1, 2), (1, 2, 4), None),
         SwinV2Spec("swinv2_nano3", 32, (1, 2, 2), (2, 4, 8), None),
     )

@@ -60,7 +60,8 @@ from mimlib.models.simmim import SimMIM, build_simmim  # noqa: E402
 from mimlib.models.swinv2 import get_spec  # noqa: E402
 from mimlib.train.optim import param_groups  # noqa: E402
 
-from mimlib.train.pretrain import autocast_context, build_optimizer  # noqa: E402
+from mimlib.train.precision import autocast_context  # noqa: E402
+from mimlib.train.pretrain import build_optimizer  # noqa: E402
 
 # Schema defaults of the keys the step uses (mimlib/schema/config.schema.yaml, paper Table 10).
 RECIPE: dict[str, Any] = {

@@ -8,14 +8,14 @@ any job starts, with an error naming the key.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from mimlib.train.schedule import decay_at, length_problem
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.yaml"
 
@@ -103,10 +103,8 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     if len(set(cfg["lengths"])) != len(cfg["lengths"]):
         problems.append(f"lengths: {cfg['lengths']} has duplicates")
     for i, length in enumerate(cfg["lengths"]):
-        if length % 8:
-            problems.append(
-                f"lengths[{i}]: {length} is not divisible by 8 (the lr steps down at 7/8 of each length)"
-            )
+        if (problem := length_problem(length)) is not None:
+            problems.append(f"lengths[{i}]: {problem}")
     pre = cfg["pretrain"]
     for model in pre["per_model"]:
         if model not in cfg["models"]:
@@ -235,17 +233,6 @@ def pretrain_recipe(cfg: Mapping[str, Any], model: str) -> dict[str, Any]:
     return recipe
 
 
-def recipe_hash(recipe: Mapping[str, Any]) -> str:
-    """Short stable hash of a recipe, recorded in checkpoints and metrics for provenance."""
-    blob = json.dumps(recipe, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def trunk_points(lengths: list[int]) -> list[int]:
-    """Iterations at which the shared trunk is saved: 7/8 of every length, ascending."""
-    return sorted({length * 7 // 8 for length in lengths})
-
-
 @dataclass(frozen=True)
 class Cell:
     """One pre-training cell of the study matrix."""
@@ -256,7 +243,7 @@ class Cell:
 
     @property
     def decay_at(self) -> int:
-        return self.length * 7 // 8
+        return decay_at(self.length)
 
 
 def pretrain_cells(cfg: Mapping[str, Any]) -> list[Cell]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mimlib.config import finetune_cells, pretrain_recipe, trunk_points
+from mimlib.config import finetune_cells, pretrain_recipe
+from mimlib.train.schedule import branch_iters, decay_at, trunk_points
 from mimlib.resources import DEFAULT_FINETUNE_RUNTIME_MIN, DEFAULT_IMAGES_PER_S, _lookup
 
 
@@ -48,9 +49,9 @@ def plan(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 trunk_hours[p] = (trunk_hours[points[points.index(p) - 1]] if done else 0.0) + h
                 done = p
             for length in sorted(cfg["lengths"]):
-                gpus, h = _pretrain_hours(cfg, model, length // 8)
+                gpus, h = _pretrain_hours(cfg, model, branch_iters(length))
                 jobs.append(PlannedJob("pretrain_branch", f"pretrain/{model}/{dataset}/{length}/checkpoint.pt", gpus, h))
-                critical = max(critical, trunk_hours[length * 7 // 8] + h)
+                critical = max(critical, trunk_hours[decay_at(length)] + h)
                 full_gpus, full_hours = _pretrain_hours(cfg, model, length)
                 without_reuse += full_gpus * full_hours
     res = cfg["resources"]

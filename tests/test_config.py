@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mimlib.config import ConfigError, load_config, pretrain_cells, trunk_points, validate_config
+from mimlib.config import ConfigError, load_config, pretrain_cells, validate_config
+from mimlib.train.schedule import trunk_points
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -57,3 +57,13 @@ def test_no_decay_set() -> None:
     groups = param_groups(model, 0.05)
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_the_decay_rule_has_one_owner() -> None:
+    from mimlib.train.schedule import branch_iters, decay_at, length_problem, trunk_points
+
+    assert [decay_at(n) for n in (125_000, 250_000, 500_000)] == [109_375, 218_750, 437_500]
+    assert branch_iters(125_000) == 15_625 and decay_at(96) + branch_iters(96) == 96
+    assert trunk_points([384, 96, 192, 96]) == [84, 168, 336]
+    assert length_problem(96) is None
+    assert "100 is not divisible by 8" in length_problem(100)

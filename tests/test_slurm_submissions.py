@@ -87,7 +87,8 @@ def test_paper_gpu_jobs_ask_slurm_for_one_task_per_gpu(tmp_path: Path) -> None:
     import json
 
     from mimlib import paths as P
-    from mimlib.config import trunk_points, validate_config
+    from mimlib.config import validate_config
+    from mimlib.train.schedule import trunk_points
 
     raw, config = fake_paper_config(tmp_path)
     cfg = validate_config(raw)

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mimlib.train.schedule import decay_at
+
 from .common import available_scores, display_dataset, display_length, display_model, study_name
 from .stats import linear_fit, pearson
 
@@ -248,7 +250,7 @@ def _plot_cell_curves(ax_train, ax_val, curves: pd.DataFrame, model: str, datase
         cell = sub[sub["length"] == n].sort_values("iter")
         if cell.empty:
             continue
-        part = cell if n == longest else cell[cell["iter"] >= n * 7 // 8]
+        part = cell if n == longest else cell[cell["iter"] >= decay_at(n)]
         style = dict(color=color, linewidth=1.1 if n == longest else 0.9,
                      linestyle="-" if n == longest else "--", label=label if n == longest else None)
         tr = part[part["loss"].notna()]

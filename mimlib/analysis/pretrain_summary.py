@@ -9,21 +9,22 @@ from typing import Any, Mapping
 import pandas as pd
 
 from mimlib import paths
-from mimlib.config import pretrain_cells, trunk_points
+from mimlib.config import pretrain_cells
+from mimlib.train.schedule import decay_at, trunk_points
 from mimlib.train.metrics import read_jsonl
 
 
 def cell_curve(results: Path, model: str, dataset: str, length: int, lengths: list[int]) -> pd.DataFrame:
     """Train/val loss against iteration for one cell: its trunk segments, then its branch."""
-    decay_at = length * 7 // 8
+    decay_point = decay_at(length)
     records: list[dict[str, Any]] = []
     for point in trunk_points(lengths):
-        if point > decay_at:
+        if point > decay_point:
             break
         log = paths.at(results, paths.TRUNK_LOG, model=model, dataset=dataset, iter=point)
-        records += [r for r in read_jsonl(log) if r["iter"] <= decay_at]
+        records += [r for r in read_jsonl(log) if r["iter"] <= decay_point]
     branch = paths.at(results, paths.CELL_LOG, model=model, dataset=dataset, length=length)
-    records += [r for r in read_jsonl(branch) if r["iter"] > decay_at]
+    records += [r for r in read_jsonl(branch) if r["iter"] > decay_point]
     df = pd.DataFrame.from_records(records)
     # A trunk segment and the branch both validate at the cut point: keep one row per iter.
     df = df.groupby("iter", as_index=False).first().sort_values("iter")

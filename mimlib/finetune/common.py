@@ -12,14 +12,14 @@ from typing import Any, Iterator, NoReturn
 import torch
 from torch import nn
 
-from mimlib.config import recipe_hash
 from mimlib.models.swinv2 import get_spec
+from mimlib.provenance import recipe_hash
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.preemption import stop_after_saving
-from mimlib.train.pretrain import autocast_context
+from mimlib.train.precision import autocast_context
 
 
 @dataclass
@@ -60,7 +60,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-autocast = autocast_context  # the engines' shared precision switch (mimlib.train.pretrain)
+autocast = autocast_context  # the engines' shared precision switch (mimlib.train.precision)
 
 
 class ResumableState:

@@ -20,7 +20,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mimlib.config import recipe_hash
 from mimlib.data.index import read_index
 from mimlib.data.manifests import read_manifest
 from mimlib.data.pretrain_data import (
@@ -32,10 +31,12 @@ from mimlib.data.pretrain_data import (
 )
 from mimlib.models.attention import use_fused_attention
 from mimlib.models.simmim import SimMIM, build_simmim
+from mimlib.provenance import recipe_hash
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
+from mimlib.train.precision import autocast_context
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop, stop_after_saving
 from mimlib.train.schedule import scaled_lr, step_lr
 from mimlib.train.step import checked_step
@@ -95,16 +96,6 @@ def build_optimizer(model: torch.nn.Module, recipe: dict[str, Any], device: torc
         eps=recipe["eps"],
         fused=device.type == "cuda",
     )
-
-
-def autocast_context(recipe: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
-    """The recipe's precision: 'auto' = bf16 autocast on CUDA, fp32 on CPU (shared by every engine)."""
-    precision = recipe.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ import shlex
 import sys
 
 from mimlib import paths as P
-from mimlib.config import ConfigError, pretrain_recipe, source_root, trunk_points, validate_config
+from mimlib.config import ConfigError, pretrain_recipe, source_root, validate_config
 from mimlib.resources import finetune_resources, light_resources, pretrain_resources
+from mimlib.train.schedule import branch_iters, decay_at, trunk_points
 
 try:
     CFG = validate_config(config)

@@ -13,7 +13,7 @@ def previous_trunk_point(wc):
     point = int(wc.iter)
     if point not in TRUNK_POINTS:
         raise WorkflowError(
-            f"{point} is not a trunk point of this study (7/8 of a length: {TRUNK_POINTS})"
+            f"{point} is not a trunk point of this study (the decay point of a length: {TRUNK_POINTS})"
         )
     earlier = [p for p in TRUNK_POINTS if p < point]
     if not earlier:
@@ -40,7 +40,7 @@ def trunk_resources(key):
 def branch_resources(key):
     def get(wc, attempt):
         recipe = pretrain_recipe(CFG, wc.model)
-        return pretrain_resources(CFG, wc.model, int(wc.length) // 8, recipe["global_batch"], attempt)[key]
+        return pretrain_resources(CFG, wc.model, branch_iters(int(wc.length)), recipe["global_batch"], attempt)[key]
 
     return get
 
@@ -90,7 +90,7 @@ rule pretrain_trunk:
 
 rule pretrain_branch:
     input:
-        init=lambda wc: res(P.TRUNK_CKPT, model=wc.model, dataset=wc.dataset, iter=int(wc.length) * 7 // 8),
+        init=lambda wc: res(P.TRUNK_CKPT, model=wc.model, dataset=wc.dataset, iter=decay_at(int(wc.length))),
         manifest=res(P.MANIFEST),
         val=val_index(),
     output:
@@ -99,7 +99,7 @@ rule pretrain_branch:
         log=res(P.CELL_LOG),
     params:
         common=pretrain_common_args,
-        decay_at=lambda wc: int(wc.length) * 7 // 8,
+        decay_at=lambda wc: decay_at(int(wc.length)),
         cell=lambda wc: quoted_json({"model": wc.model, "dataset": wc.dataset, "length": int(wc.length)}),
         resume=lambda wc: resume(P.RESUME, model=wc.model, dataset=wc.dataset, job=f"branch_{wc.length}"),
         launch=lambda wc, resources: launch(resources),

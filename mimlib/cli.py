@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mimlib.finetune import DEMO_TASKS, TASKS
+
 
 def _cmd_seed_study(args: argparse.Namespace) -> int:
     import yaml
@@ -236,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("task-demo", help="write a fine-tuning task's demo set in its real format")
-    s.add_argument("--task", required=True, choices=["inat18", "coco", "ade20k"])
+    s.add_argument("--task", required=True, choices=DEMO_TASKS)
     s.add_argument("--out", required=True)
     s.add_argument("--spec-json")
     s.set_defaults(func=_cmd_task_demo)
 
     s = sub.add_parser("finetune", help="fine-tune a pre-trained cell (or scratch) on one task")
-    s.add_argument("--task", required=True, choices=["in1k", "inat18", "coco", "ade20k"])
+    s.add_argument("--task", required=True, choices=list(TASKS))
     s.add_argument("--model", required=True)
     s.add_argument("--checkpoint", help="pre-trained checkpoint (mimscale cell or reference SimMIM); omit for scratch")
     s.add_argument("--trust-pickle", action="store_true", help="allow reference checkpoints that pickle objects")

@@ -26,8 +26,17 @@ class ConfigError(ValueError):
 
 @lru_cache(maxsize=1)
 def load_schema() -> dict[str, Any]:
+    """The schema, with the task registry (:data:`mimlib.finetune.TASKS`) filled into the
+    places that name the tasks, so the task list has one home."""
+    from mimlib.finetune import TASKS
+
     with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+        schema = yaml.safe_load(f)
+    finetune = schema["properties"]["finetune"]
+    finetune["properties"]["tasks"]["items"]["enum"] = list(TASKS)
+    section = finetune["patternProperties"].pop("^(TASKS)$")
+    finetune["patternProperties"]["^(" + "|".join(TASKS) + ")$"] = section
+    return schema
 
 
 def _fill_defaults(node: Any, schema: Mapping[str, Any]) -> Any:
@@ -134,7 +143,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
 
 
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
-    from mimlib.finetune import DEMO_GENERATORS, default_recipe
+    from mimlib.finetune import DEMO_TASKS, TASKS, default_recipe
 
     problems: list[str] = []
     ft = cfg["finetune"]
@@ -147,12 +156,12 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
             problems.append(f"{key}: missing (needs at least `data`)")
             continue
         data = ft[task].get("data", {})
-        if task == "in1k":
+        if TASKS[task].data_from_source:
             src = data.get("source")
             if src not in cfg["sources"]:
                 problems.append(f"{key}.data.source: unknown source {src!r} (known: {sorted(cfg['sources'])})")
         elif "demo" in data:
-            if task not in DEMO_GENERATORS:
+            if task not in DEMO_TASKS:
                 problems.append(f"{key}.data.demo: no demo generator for {task}")
         elif "root" not in data:
             problems.append(f"{key}.data: give root (a folder on disk) or demo")

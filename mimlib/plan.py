@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from mimlib.config import finetune_cells, pretrain_recipe
 from mimlib.train.schedule import branch_iters, decay_at, trunk_points
-from mimlib.resources import DEFAULT_FINETUNE_RUNTIME_MIN, DEFAULT_IMAGES_PER_S, _lookup
+from mimlib.resources import DEFAULT_IMAGES_PER_S, _lookup, default_finetune_runtime_min
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def plan(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for c in finetune_cells(cfg):
         keys = [f"{c.task}.{c.model}", c.task]
         gpus = _lookup(res["finetune_gpus"], keys, 0)
-        hours = _lookup(res["finetune_runtime_min"], keys, DEFAULT_FINETUNE_RUNTIME_MIN.get(c.task, 60.0)) / 60
+        hours = _lookup(res["finetune_runtime_min"], keys, default_finetune_runtime_min(c.task)) / 60
         jobs.append(PlannedJob("finetune", f"finetune/{c.task}/{c.model}/{c.dataset}/{c.length}/metrics.json", gpus, hours))
         finetune_critical = max(finetune_critical, hours)
     pre = [j for j in jobs if j.rule.startswith("pretrain")]

@@ -20,7 +20,13 @@ DEFAULT_IMAGES_PER_S = {
     "swinv2_s": 2000.0, "swinv2_b": 1100.0, "swinv2_l": 500.0, "swinv2_h": 150.0, "swinv2_g": 95.0,
     "swinv2_pico": 60.0, "swinv2_nano": 45.0, "swinv2_pico3": 60.0, "swinv2_nano3": 40.0, "default": 100.0,
 }
-DEFAULT_FINETUNE_RUNTIME_MIN = {"in1k": 2880.0, "inat18": 1440.0, "coco": 1440.0, "ade20k": 960.0, "default": 60.0}
+
+
+def default_finetune_runtime_min(task: str) -> float:
+    """A task's Slurm runtime where the config gives none (the registry's paper-scale value)."""
+    from mimlib.finetune import TASKS
+
+    return TASKS[task].runtime_min if task in TASKS else 60.0
 
 
 def _lookup(table: Mapping[str, Any], keys: list[str], fallback: Any) -> Any:
@@ -91,7 +97,7 @@ def finetune_resources(cfg: Mapping[str, Any], task: str, model: str, attempt: i
     res = cfg["resources"]
     keys = [f"{task}.{model}", task]
     layout = _layout(_lookup(res["finetune_gpus"], keys, 0), res)
-    minutes = _lookup(res["finetune_runtime_min"], keys, DEFAULT_FINETUNE_RUNTIME_MIN.get(task, 60.0))
+    minutes = _lookup(res["finetune_runtime_min"], keys, default_finetune_runtime_min(task))
     layout["runtime"] = _runtime(minutes, res, attempt)
     return layout
 

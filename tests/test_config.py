@@ -4,6 +4,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mimlib.config import ConfigError, load_config, pretrain_cells, validate_config
 from mimlib.train.schedule import trunk_points
@@ -71,3 +72,31 @@ def test_per_model_override(smoke_config: dict) -> None:
     cfg["pretrain"]["per_model"] = {"swinv2_pico": {"micro_batchh": 2}}
     with pytest.raises(ConfigError, match="unknown keys"):
         validate_config(cfg)
+
+
+
+def test_the_task_registry_is_the_one_task_list() -> None:
+    """The schema, the CLI and the analyses take the tasks from mimlib.finetune.TASKS."""
+    from mimlib import cli
+    from mimlib.analysis import common as C
+    from mimlib.config import load_schema
+    from mimlib.finetune import DEMO_TASKS, TASKS
+
+    finetune = load_schema()["properties"]["finetune"]
+    assert finetune["properties"]["tasks"]["items"]["enum"] == list(TASKS) == ["in1k", "inat18", "coco", "ade20k"]
+    assert list(finetune["patternProperties"]) == ["^(in1k|inat18|coco|ade20k)$"]
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+
+    def task_choices(command: str) -> list[str]:
+        return list(next(a.choices for a in commands[command]._actions if a.dest == "task"))
+
+    assert task_choices("finetune") == list(TASKS)
+    assert task_choices("task-demo") == list(DEMO_TASKS) == ["inat18", "coco", "ade20k"]
+    assert {t for t, _, _ in C.TASK_SCORES} == set(TASKS)
+
+
+def test_an_unknown_task_is_refused_by_name() -> None:
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["finetune"]["tasks"] = ["in1k", "imagenet21k"]
+    with pytest.raises(ConfigError, match="imagenet21k"):
+        validate_config(cfg, check_paths=False)

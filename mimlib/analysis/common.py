@@ -18,7 +18,7 @@ import pandas as pd
 
 from mimlib import paths
 from mimlib.config import finetune_cells, pretrain_cells
-from mimlib.finetune import MAIN_METRICS
+from mimlib.finetune import TASK_SCORES, main_metrics  # noqa: F401 (TASK_SCORES: the analyses' score list)
 
 # ------------------------------------------------------------------ output paths (results/...)
 TABLE = "tables/{name}.{ext}"  # ext: csv, md, html
@@ -44,14 +44,6 @@ ANALYSIS_DEFAULTS: dict[str, Any] = {
     "reconstruction_images": 4,
 }
 
-#: (task, metric, display name) of every score the analyses use, in the paper's order.
-TASK_SCORES: tuple[tuple[str, str, str], ...] = (
-    ("in1k", "top1", "IN-1K top-1 (%)"),
-    ("inat18", "top1", "iNat-18 top-1 (%)"),
-    ("coco", "box_ap", "COCO AP box"),
-    ("coco", "mask_ap", "COCO AP mask"),
-    ("ade20k", "miou", "ADE20K mIoU"),
-)
 
 
 def analysis_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,10 +105,10 @@ def task_metric_paths(
 def read_task_scores(cfg: Mapping[str, Any], results: str | Path, task: str) -> pd.DataFrame:
     """One row per fine-tuning cell of ``task`` in the config (scratch included).
 
-    Columns: model, dataset, length, then the task's main metrics (``MAIN_METRICS``), NaN where
+    Columns: model, dataset, length, then the task's main metrics (its registry ``metrics``), NaN where
     the metrics file or the value is missing. Empty (with those columns) if the task is not run.
     """
-    cols = ["model", "dataset", "length", *MAIN_METRICS[task]]
+    cols = ["model", "dataset", "length", *main_metrics(task)]
     rows = []
     if task in cfg["finetune"].get("tasks", []):
         for c in finetune_cells(cfg):
@@ -126,13 +118,13 @@ def read_task_scores(cfg: Mapping[str, Any], results: str | Path, task: str) -> 
             path = paths.at(results, paths.FINETUNE_METRICS, task=task, model=c.model,
                             dataset=c.dataset, length=c.length)
             metrics = json.loads(path.read_text()).get("metrics", {}) if path.exists() else {}
-            for name in MAIN_METRICS[task]:
+            for name in main_metrics(task):
                 value = metrics.get(name)
                 row[name] = float(value) if value is not None else math.nan
             rows.append(row)
     df = pd.DataFrame(rows, columns=cols)
     df["length"] = df["length"].astype(int)
-    for name in MAIN_METRICS[task]:
+    for name in main_metrics(task):
         df[name] = df[name].astype(float)
     return df
 

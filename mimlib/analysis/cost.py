@@ -48,9 +48,9 @@ def finetune_size(cfg: Mapping[str, Any], model: str) -> tuple[int, int]:
     if "in1k" in cfg.get("finetune", {}):
         r = finetune_recipe(cfg, "in1k", model)
     else:
-        from mimlib.finetune import engine
+        from mimlib.finetune import default_recipe
 
-        r = engine("in1k").DEFAULT_RECIPE
+        r = default_recipe("in1k")
     return int(r["img_size"]), int(r["window_size"])
 
 

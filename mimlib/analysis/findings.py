@@ -58,6 +58,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from mimlib import paths
+from mimlib.finetune import TASKS
 
 from . import common as C
 
@@ -100,8 +101,8 @@ def src_metrics(task: str, model: str, dataset: str, length: int) -> str:
     return link(paths.FINETUNE_METRICS, task=task, model=model, dataset=dataset, length=length)
 
 
-#: per-length score tables (Tables 4-6) of the tasks other than IN-1K
-BY_LENGTH_TABLES = {"inat18": "table4", "ade20k": "table5", "coco": "table6"}
+#: per-length score tables (Tables 4-6), in table order, from the task registry
+BY_LENGTH_TABLES = {name: t.table for name, t in sorted(TASKS.items(), key=lambda kv: kv[1].table) if t.table_by_length}
 
 
 # ------------------------------------------------------------------ records

@@ -10,7 +10,7 @@ import pandas as pd
 
 from mimlib import paths
 from mimlib.config import finetune_cells
-from mimlib.finetune import MAIN_METRICS
+from mimlib.finetune import main_metrics
 
 
 def write_finetune_summary(cfg: Mapping[str, Any], results: Path, out_csv: Path) -> pd.DataFrame:
@@ -19,7 +19,7 @@ def write_finetune_summary(cfg: Mapping[str, Any], results: Path, out_csv: Path)
         path = paths.at(results, paths.FINETUNE_METRICS, task=c.task, model=c.model, dataset=c.dataset, length=c.length)
         record = json.loads(path.read_text())
         row: dict[str, Any] = {"task": c.task, "model": c.model, "dataset": c.dataset, "length": c.length}
-        for name in MAIN_METRICS[c.task]:
+        for name in main_metrics(c.task):
             row[name] = record["metrics"].get(name)
         row["wall_time_s"] = record.get("wall_time_s")
         rows.append(row)

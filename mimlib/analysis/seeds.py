@@ -28,7 +28,6 @@ from mimlib import paths
 
 SPREAD = "analysis/seed_spread.csv"
 SEED_STUDY = "seeds/seed{seed}"  # under the main study's results folder
-SPREAD_TASKS = ("in1k", "inat18")
 COLUMNS = ["quantity", "n_seeds", "mean", "std", "min", "max", "values"]
 
 
@@ -55,7 +54,9 @@ def key_cells(cfg: Mapping[str, Any], results: str | Path) -> list[tuple[str, st
 
 
 def seed_tasks(cfg: Mapping[str, Any]) -> list[str]:
-    return [t for t in SPREAD_TASKS if t in cfg["finetune"].get("tasks", [])]
+    from mimlib.finetune import TASKS
+
+    return [t for t, spec in TASKS.items() if spec.seed_spread and t in cfg["finetune"].get("tasks", [])]
 
 
 def seed_study_config(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def seed_targets(cfg: Mapping[str, Any], cells) -> list[str]:
 
 
 def _key_numbers(cfg: Mapping[str, Any], results: str | Path, cells) -> dict[str, float]:
-    from mimlib.finetune import MAIN_METRICS
+    from mimlib.finetune import main_metrics
 
     numbers: dict[str, float] = {}
     for model, ds, length in cells:
@@ -98,7 +99,7 @@ def _key_numbers(cfg: Mapping[str, Any], results: str | Path, cells) -> dict[str
             p = paths.at(results, paths.FINETUNE_METRICS, task=task, model=model, dataset=ds, length=length)
             if p.exists():
                 metrics = json.loads(p.read_text())["metrics"]
-                metric = MAIN_METRICS[task][0]
+                metric = main_metrics(task)[0]
                 numbers[f"{task}/{metric}:{cell}"] = metrics.get(metric)
     return numbers
 

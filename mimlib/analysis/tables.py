@@ -16,7 +16,7 @@ import pandas as pd
 
 from mimlib import paths
 from mimlib.config import pretrain_recipe
-from mimlib.finetune import MAIN_METRICS
+from mimlib.finetune import main_metrics
 
 from .common import available_scores, finetune_lengths, read_task_scores
 from .stats import pearson
@@ -81,7 +81,7 @@ def table_by_length(cfg: Mapping[str, Any], results: str | Path, task: str,
     """Rows model x fine-tuned length, a column per dataset (``<dataset>/<metric>`` when several
     metrics); with scratch baselines, a length-0 row per model carrying only the ``scratch`` column(s).
     """
-    metrics = metrics or (MAIN_METRICS[task][0],)
+    metrics = metrics or (main_metrics(task)[0],)
     scores = read_task_scores(cfg, results, task).set_index(["model", "dataset", "length"])
 
     def col(ds: str, m: str) -> str:

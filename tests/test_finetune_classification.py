@@ -376,7 +376,8 @@ def test_recipe_errors() -> None:
 
 def test_schedule_is_scaled_per_512_with_warmup_then_cosine() -> None:
     r = cls.check_recipe({"epochs": 10, "warmup_epochs": 2, "global_batch": 1024})
-    lrs = cls.cosine_lr_schedule(r, updates_per_epoch=5)
+    lr_at = cls.lr_schedule(r, updates_per_epoch=5)
+    lrs = [lr_at(k) for k in range(50)]
     assert len(lrs) == 50
     assert lrs[0] == pytest.approx(2 * 2.5e-7)
     assert lrs[10] == pytest.approx(2 * 1.25e-3) and max(lrs) == lrs[10]

@@ -67,3 +67,31 @@ def test_the_decay_rule_has_one_owner() -> None:
     assert trunk_points([384, 96, 192, 96]) == [84, 168, 336]
     assert length_problem(96) is None
     assert "100 is not divisible by 8" in length_problem(100)
+
+
+@pytest.mark.parametrize("total, warmup", [(50, 10), (7, 0), (1, 1), (200, 13), (3, 3)])
+def test_cosine_lr_is_timms_cosine_scheduler_bit_for_bit(total: int, warmup: int) -> None:
+    """The classification schedule without a scheduler object equals timm's, stepped per update."""
+    import torch
+    from timm.scheduler import CosineLRScheduler
+
+    from mimlib.train.schedule import cosine_lr
+
+    base, warm, low = 2.5e-3, 5e-7, 1e-6
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)  # the oracle needs one
+    timm_sched = CosineLRScheduler(opt, t_initial=max(total - warmup, 1), lr_min=low, warmup_t=warmup,
+                                   warmup_lr_init=warm, warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
+    for k in range(total + 2):
+        timm_sched.step_update(k)
+        assert cosine_lr(k, base, total, warmup, warm, low) == opt.param_groups[0]["lr"], k
+
+
+def test_set_lr_scales_each_group() -> None:
+    import torch
+
+    from mimlib.train.schedule import set_lr
+
+    a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.AdamW([{"params": [a], "lr_scale": 0.25}, {"params": [b]}], lr=0.0)
+    set_lr(opt, 4e-3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 4e-3]

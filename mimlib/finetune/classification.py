@@ -32,11 +32,12 @@ job runs, its log, rolling checkpoints and the current best weights live in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -57,7 +58,6 @@ from mimlib.finetune.common import (
     autocast,
     build_optimizer,
     job_logger,
-    set_lr,
     write_metrics,
 )
 from mimlib.finetune.recipes import CLASSIFICATION
@@ -66,7 +66,7 @@ from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import copy_atomic
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.schedule import scaled_lr
+from mimlib.train.schedule import cosine_lr, scaled_lr, set_lr
 from mimlib.train.step import NonFiniteLossError, checked_step
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ __all__ = [
     "EpochBatchSampler",
     "NonFiniteLossError",
     "check_recipe",
-    "cosine_lr_schedule",
+    "lr_schedule",
     "evaluate",
     "run",
 ]
@@ -121,30 +121,18 @@ def accumulation_steps(r: dict[str, Any], world_size: int) -> int:
     return r["global_batch"] // per_pass
 
 
-def cosine_lr_schedule(r: dict[str, Any], updates_per_epoch: int) -> list[float]:
-    """lr (before layer-decay scaling) of every optimiser update of the run, from timm's
-    ``CosineLRScheduler`` (per update, warmup prefix, scaled per 512 images)."""
-    from timm.scheduler import CosineLRScheduler
-
-    total = r["epochs"] * updates_per_epoch
-    warmup = round(r["warmup_epochs"] * updates_per_epoch)  # fractional warmup epochs allowed
-    base = scaled_lr(r["base_lr"], r["global_batch"])
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
-    sched = CosineLRScheduler(
-        dummy,
-        t_initial=max(total - warmup, 1),
-        lr_min=scaled_lr(r["min_lr"], r["global_batch"]),
-        warmup_t=warmup,
-        warmup_lr_init=scaled_lr(r["warmup_lr"], r["global_batch"]),
-        warmup_prefix=True,
-        cycle_limit=1,
-        t_in_epochs=False,
+def lr_schedule(r: dict[str, Any], updates_per_epoch: int) -> Callable[[int], float]:
+    """lr (before layer-decay scaling) of optimiser update ``k``: warmup then cosine per
+    update, every lr scaled per 512 images (:func:`mimlib.train.schedule.cosine_lr`)."""
+    g = r["global_batch"]
+    return functools.partial(
+        cosine_lr,
+        base_lr=scaled_lr(r["base_lr"], g),
+        total=r["epochs"] * updates_per_epoch,
+        warmup=round(r["warmup_epochs"] * updates_per_epoch),  # fractional warmup epochs allowed
+        warmup_lr=scaled_lr(r["warmup_lr"], g),
+        min_lr=scaled_lr(r["min_lr"], g),
     )
-    lrs = []
-    for k in range(total):
-        sched.step_update(k)
-        lrs.append(float(dummy.param_groups[0]["lr"]))
-    return lrs
 
 
 class EpochBatchSampler(Sampler):
@@ -281,7 +269,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     train_model = torch.compile(ddp_model) if r["compile"] else ddp_model
 
-    lrs = cosine_lr_schedule(r, updates)
+    lr_at = lr_schedule(r, updates)
     best_top1 = float(extra.get("best_top1", -1.0))
     best_top5 = float(extra.get("best_top5", 0.0))
     best_epoch = int(extra.get("best_epoch", 0))
@@ -308,10 +296,10 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
             epoch_loss = torch.tensor(float(extra.get("epoch_loss", 0.0)) if first else 0.0, dtype=torch.float64,
                                       device=info.device)
             t0 = time.perf_counter()
-            lr = lrs[epoch * updates + first]
+            lr = lr_at(epoch * updates + first)
             stop_now = False
             for u in range(first, updates):
-                lr = lrs[epoch * updates + u]
+                lr = lr_at(epoch * updates + u)
                 set_lr(optimizer, lr)
                 step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
                 for a in range(accum):

@@ -55,11 +55,6 @@ def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.devi
     )
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 autocast = autocast_context  # the engines' shared precision switch (mimlib.train.precision)
 
 

@@ -57,13 +57,13 @@ from mimlib.finetune.common import (
     autocast,
     build_optimizer,
     job_logger,
-    set_lr,
     write_metrics,
 )
 from mimlib.finetune.recipes import DETECTION
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
 from mimlib.train.distributed import DistInfo, barrier, init_distributed
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
+from mimlib.train.schedule import multistep_lr, set_lr
 from mimlib.train.step import checked_step
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,8 @@ def check_recipe(recipe: Mapping[str, Any]) -> None:
 
 def detection_lr(iteration: int, recipe: Mapping[str, Any], epoch_iters: int) -> float:
     """lr of the optimiser step of ``iteration`` (0-based): linear warmup, then steps."""
-    lr = recipe["lr"]
-    warm = recipe["warmup_iters"]
-    factor = 1.0
-    if iteration < warm:
-        ratio = recipe["warmup_ratio"]
-        factor = ratio + (1 - ratio) * iteration / warm
-    n_steps = sum(iteration >= e * epoch_iters for e in recipe["step_epochs"])
-    return lr * factor * recipe["step_ratio"] ** n_steps
+    return multistep_lr(iteration, recipe["lr"], recipe["warmup_iters"], recipe["warmup_ratio"],
+                        [e * epoch_iters for e in recipe["step_epochs"]], recipe["step_ratio"])
 
 
 class DetectionBatchSampler(Sampler[list[tuple[int, int]]]):

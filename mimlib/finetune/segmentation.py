@@ -51,7 +51,6 @@ from mimlib.finetune.common import (
     autocast,
     build_optimizer,
     job_logger,
-    set_lr,
     write_metrics,
 )
 from mimlib.models.attention import use_fused_attention
@@ -59,6 +58,7 @@ from mimlib.finetune.recipes import SEGMENTATION
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
+from mimlib.train.schedule import poly_lr, set_lr
 from mimlib.train.step import checked_step
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,8 @@ def check_recipe(recipe: dict[str, Any]) -> None:
 
 def lr_at(k: int, recipe: dict[str, Any]) -> float:
     """mmcv's poly schedule with linear warmup, for iteration ``k`` (0-based)."""
-    base, min_lr, total = recipe["lr"], recipe.get("min_lr", 0.0), recipe["iters"]
-    lr = (base - min_lr) * (1 - k / total) ** recipe.get("lr_power", 1.0) + min_lr
-    warm = recipe.get("warmup_iters", 0)
-    if k < warm:
-        lr *= 1 - (1 - k / warm) * (1 - recipe.get("warmup_ratio", 1e-6))
-    return lr
+    return poly_lr(k, recipe["lr"], recipe["iters"], recipe["warmup_iters"], recipe["warmup_ratio"],
+                   recipe["min_lr"], recipe["lr_power"])
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

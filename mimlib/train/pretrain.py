@@ -38,7 +38,7 @@ from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
 from mimlib.train.precision import autocast_context
 from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop, stop_after_saving
-from mimlib.train.schedule import scaled_lr, step_lr
+from mimlib.train.schedule import scaled_lr, set_lr, step_lr
 from mimlib.train.step import checked_step
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     with StopRequest() as stop:  # SIGTERM -> save and raise Preempted after this update
         for k in range(start, job.end_iter):
             lr = step_lr(k, base_lr, r["warmup_iters"], warmup_lr, job.decay_at, r["decay_ratio"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
             # run or a trunk/branch split draws the same paths as an uninterrupted one.
             torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))

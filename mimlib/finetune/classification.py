@@ -31,7 +31,6 @@ job runs, its log, rolling checkpoints and the current best weights live in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import random
@@ -42,7 +41,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from mimlib.data.classification import (
@@ -55,7 +53,6 @@ from mimlib.data.pretrain_data import stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,
-    autocast,
     build_optimizer,
     job_logger,
     write_metrics,
@@ -65,9 +62,11 @@ from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import copy_atomic
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.schedule import cosine_lr, scaled_lr, set_lr
-from mimlib.train.step import NonFiniteLossError, checked_step
+from mimlib.train.loop import TrainTask, Update, train
+from mimlib.train.precision import autocast_context
+from mimlib.train.preemption import SigtermSafeDataLoader
+from mimlib.train.schedule import cosine_lr, scaled_lr
+from mimlib.train.step import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ def evaluate(model: nn.Module, loader: DataLoader, r: dict[str, Any], info: Dist
     for images, labels in loader:
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
-        with autocast(r, info.device):
+        with autocast_context(r, info.device):
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])
@@ -264,94 +263,69 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=r["label_smoothing"])
 
-    ddp_model: nn.Module = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    train_model = torch.compile(ddp_model) if r["compile"] else ddp_model
-
     lr_at = lr_schedule(r, updates)
-    best_top1 = float(extra.get("best_top1", -1.0))
-    best_top5 = float(extra.get("best_top5", 0.0))
-    best_epoch = int(extra.get("best_epoch", 0))
-    last_top1 = extra.get("last_top1")
+    best = {"best_top1": float(extra.get("best_top1", -1.0)), "best_top5": float(extra.get("best_top5", 0.0)),
+            "best_epoch": int(extra.get("best_epoch", 0)), "last_top1": extra.get("last_top1")}
+    # A mid-epoch resume continues the epoch's loss sum, so the log matches an uninterrupted run.
+    epoch = {"loss": float(extra.get("epoch_loss", 0.0)) if start_update else 0.0, "first": start_update,
+             "t0": time.perf_counter()}
     work_best = Path(job.resume_dir) / "best.pt"
     out_dir = Path(job.out_dir)
 
-    def best_state() -> dict[str, Any]:
-        return {"best_top1": best_top1, "best_top5": best_top5, "best_epoch": best_epoch, "last_top1": last_top1}
+    def epoch_batches() -> Iterator[Any]:
+        for e in range(start_epoch, r["epochs"]):
+            sampler.set_epoch(e, start_update if e == start_epoch else 0)
+            yield from loader
 
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
+    def forward(train_model: nn.Module, batch: Any, k: int, micro: int):
+        images, labels = batch
+        # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
+        # micro-step so the run does not depend on where it was resumed.
+        _seed_step(job.seed, "ft-step", *divmod(k, updates), micro, info.rank)
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device, non_blocking=True)
+        targets = labels
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, labels)
+        loss = criterion(train_model(images), targets)
+        return loss, loss.detach().double()
 
-        bar = tqdm(total=r["epochs"] * updates, initial=start_step, unit="upd", dynamic_ncols=True,
-                   desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}")
-    model.train()
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, r["epochs"]):
-            first = start_update if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, first)
-            batches = iter(loader)
-            # A mid-epoch resume continues the epoch's loss sum, so the log matches an uninterrupted run.
-            epoch_loss = torch.tensor(float(extra.get("epoch_loss", 0.0)) if first else 0.0, dtype=torch.float64,
-                                      device=info.device)
-            t0 = time.perf_counter()
-            lr = lr_at(epoch * updates + first)
-            stop_now = False
-            for u in range(first, updates):
-                lr = lr_at(epoch * updates + u)
-                set_lr(optimizer, lr)
-                step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-                for a in range(accum):
-                    images, labels = next(batches)
-                    # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
-                    # micro-step so the run does not depend on where it was resumed.
-                    _seed_step(job.seed, "ft-step", epoch, u, a, info.rank)
-                    images = images.to(info.device, non_blocking=True)
-                    labels = labels.to(info.device, non_blocking=True)
-                    targets = labels
-                    if mixup_fn is not None:
-                        images, targets = mixup_fn(images, labels)
-                    sync = a == accum - 1 or not info.distributed
-                    with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
-                        loss = criterion(train_model(images), targets)
-                    (loss / accum).backward()
-                    step_loss += loss.detach().double() / accum
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
-                reduced, stop_now = reduce_mean_and_stop(step_loss, stop, info)
-                # The gradients are all-reduced, so the norm is the same on every rank.
-                checked_step(optimizer, reduced, gnorm, f"{job.task}/{job.model}",
-                             f"epoch {epoch} (0-based), update {u} of {updates}", job.resume_dir)
-                epoch_loss += reduced
-                if bar is not None:
-                    bar.update(1)
-                    if (u + 1) % r["log_every"] == 0 or u + 1 == updates:
-                        bar.set_postfix(loss=f"{float(reduced):.4f}", lr=f"{lr:.2e}")
-                if stop_now and u + 1 < updates:  # at the epoch's end, evaluate and save first (below)
-                    state.preempt(epoch * updates + u + 1, model, optimizer,
-                                  {**best_state(), "epoch_loss": float(epoch_loss)},
-                                  f"update {u + 1} of {updates} in epoch {epoch + 1}")
-            train_time = time.perf_counter() - t0
-            done = epoch + 1
-            top1, top5, val_loss = evaluate(model, val_loader, r, info)
-            last_top1 = top1
-            if top1 > best_top1:
-                best_top1, best_top5, best_epoch = top1, top5, done
-                if info.is_main:
-                    ckpt.save_atomic(_weights(model, job, r, done, top1, num_classes), work_best)
-            record = {"epoch": done, "train_loss": float(epoch_loss) / updates, "lr": lr, "top1": top1, "top5": top5,
-                      "val_loss": val_loss,
-                      "images_per_s": (updates - first) * r["global_batch"] / max(train_time, 1e-9)}
-            logger.log(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.4f}", top1=f"{top1:.2f}", best=f"{best_top1:.2f}")
-            if done < r["epochs"]:
-                if stop_now:
-                    state.preempt(done * updates, model, optimizer, best_state(), f"epoch {done}")
-                state.save(done * updates, model, optimizer, best_state())
-                barrier(info)
-    if bar is not None:
-        bar.close()
+    def after_update(u: Update) -> dict[str, str] | None:
+        epoch["loss"] += float(u.losses)
+        done, at = divmod(u.done, updates)
+        if at:  # mid-epoch
+            return {"loss": f"{float(u.losses):.4f}", "lr": f"{u.lr:.2e}"} if at % r["log_every"] == 0 else None
+        train_time = time.perf_counter() - epoch["t0"]
+        top1, top5, val_loss = evaluate(model, val_loader, r, info)
+        best["last_top1"] = top1
+        if top1 > best["best_top1"]:
+            best.update(best_top1=top1, best_top5=top5, best_epoch=done)
+            if info.is_main:
+                ckpt.save_atomic(_weights(model, job, r, done, top1, num_classes), work_best)
+        logger.log({"epoch": done, "train_loss": epoch["loss"] / updates, "lr": u.lr, "top1": top1, "top5": top5,
+                    "val_loss": val_loss,
+                    "images_per_s": (updates - epoch["first"]) * r["global_batch"] / max(train_time, 1e-9)})
+        epoch.update(loss=0.0, first=0, t0=time.perf_counter())
+        return {"loss": f"{float(u.losses):.4f}", "top1": f"{top1:.2f}", "best": f"{best['best_top1']:.2f}"}
+
+    def stop_message(done: int) -> str:
+        e, at = divmod(done, updates)
+        where = f"update {at} of {updates} in epoch {e + 1}" if at else f"epoch {e}"
+        return f"{job.task} {job.model}: stopped by SIGTERM after {where}; state saved in {job.resume_dir}"
+
+    train(TrainTask(
+        name=f"{job.task}/{job.model}", model=model, optimizer=optimizer, recipe=r, info=info,
+        batches=epoch_batches(), start=start_step, total=r["epochs"] * updates, accum=accum, lr=lr_at,
+        forward=forward, after_update=after_update, resume_dir=job.resume_dir,
+        # rolling state after every epoch; SIGTERM saves mid-epoch too, with the epoch's loss sum
+        save=lambda done: state.save(done, model, optimizer,
+                                     {**best, **({"epoch_loss": epoch["loss"]} if done % updates else {})}),
+        should_save=lambda done: done % updates == 0 and done < r["epochs"] * updates,
+        where=lambda k: "epoch {} (0-based), update {} of {}".format(*divmod(k, updates), updates),
+        stop_message=stop_message, progress=progress,
+        desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}",
+    ))
+    best_top1, best_top5, best_epoch, last_top1 = (best[k] for k in ("best_top1", "best_top5", "best_epoch", "last_top1"))
 
     if info.is_main:
         ckpt.save_atomic(_weights(model, job, r, r["epochs"], float(last_top1), num_classes), out_dir / "last.pt")

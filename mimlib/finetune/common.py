@@ -1,5 +1,5 @@
-"""What every fine-tuning engine shares: the job description, optimiser groups with layer
-decay, per-update lr from timm's schedulers, resumable state, and the metrics file format."""
+"""What every fine-tuning engine shares besides the training loop (mimlib.train.loop): the job
+description, optimiser groups with layer decay, resumable state, and the metrics file format."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -18,8 +18,6 @@ from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
-from mimlib.train.preemption import stop_after_saving
-from mimlib.train.precision import autocast_context
 
 
 @dataclass
@@ -55,9 +53,6 @@ def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.devi
     )
 
 
-autocast = autocast_context  # the engines' shared precision switch (mimlib.train.precision)
-
-
 class ResumableState:
     """Rolling checkpoints of a fine-tuning job in ``job.resume_dir`` (atomic, newest kept).
 
@@ -88,15 +83,6 @@ class ResumableState:
                  "step": step, "extra": extra},
                 self.job.resume_dir, step,
             )
-
-    def preempt(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any],
-                where: str) -> NoReturn:
-        """SIGTERM reached the job (every rank agrees, see mimlib.train.preemption): save the state
-        after ``step`` and raise :class:`Preempted` (the CLI exits 143, the rerun resumes)."""
-        job = self.job
-        stop_after_saving(lambda: self.save(step, model, optimizer, extra),
-                          f"{job.task} {job.model}: stopped by SIGTERM after {where}; state saved in {job.resume_dir}",
-                          self.info)
 
     def finish(self) -> None:
         """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state."""

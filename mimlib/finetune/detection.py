@@ -46,7 +46,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from mimlib.data.coco import CocoInstances, collate
@@ -54,7 +53,6 @@ from mimlib.data.pretrain_data import accumulation_steps, stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,
-    autocast,
     build_optimizer,
     job_logger,
     write_metrics,
@@ -62,9 +60,10 @@ from mimlib.finetune.common import (
 from mimlib.finetune.recipes import DETECTION
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
 from mimlib.train.distributed import DistInfo, barrier, init_distributed
-from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.schedule import multistep_lr, set_lr
-from mimlib.train.step import checked_step
+from mimlib.train.loop import IntervalLog, TrainTask, Update, train
+from mimlib.train.precision import autocast_context
+from mimlib.train.preemption import SigtermSafeDataLoader
+from mimlib.train.schedule import multistep_lr
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +288,7 @@ def predict(model: torch.nn.Module, dataset: CocoInstances, recipe: Mapping[str,
     results: list[dict[str, Any]] = []
     for images, targets in loader:
         images = [im.to(info.device, non_blocking=True).float().div_(255) for im in images]
-        with autocast(recipe, info.device):
+        with autocast_context(recipe, info.device):
             outputs = model(images)
         ids = [int(t["image_id"]) for t in targets]
         results += outputs_to_coco(outputs, ids, dataset.label_to_cat)
@@ -367,69 +366,35 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     if info.is_main:
         log.info("coco %s: iterations %d -> %d (%d per epoch), encoder %s", job.model, start, total, epoch_iters,
                  load_info.get("format"))
-    ddp_model: torch.nn.Module = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    interval = IntervalLog(extra)  # the open log interval travels in the resume state
 
-    accum = sampler.accum
-    # The open log interval's sums travel in the resume state, so a resumed log matches.
-    sums: dict[str, float] = dict(extra.get("interval_sums", {}))
-    interval_iters, interval_t0 = int(extra.get("interval_iters", 0)), time.perf_counter()
+    def forward(train_model: torch.nn.Module, batch: Any, k: int, micro: int):
+        losses = train_model(*_to_device(*batch, info.device))
+        loss = sum(losses.values())
+        return loss, torch.stack([loss.detach().double(), *(losses[n].detach().double() for n in _LOSS_NAMES)])
 
-    def open_interval() -> dict[str, Any]:
-        return {"interval_sums": dict(sums), "interval_iters": interval_iters}
+    def after_update(u: Update) -> dict[str, str] | None:
+        interval.add(**dict(zip(("loss",) + _LOSS_NAMES, u.losses.tolist())), grad_norm=u.grad_norm)
+        if u.done % r["log_every"] and u.done != total:
+            return None
+        record = {"iter": u.done, "epoch": u.done / epoch_iters, "lr": u.lr, **interval.means(),
+                  "images_per_s": interval.rate(r["global_batch"])}
+        logger.log(record)
+        interval.clear()
+        return {"loss": f"{record['loss']:.3f}", "lr": f"{u.lr:.2e}"}
 
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc=f"coco {job.model}", unit="it", dynamic_ncols=True)
-    model.train()
     batches = iter(loader)
-    with StopRequest() as stop:
-        for k in range(start, total):
-            lr = detection_lr(k, r, epoch_iters)
-            set_lr(optimizer, lr)
-            torch.manual_seed(stable_seed(job.seed, "coco-step", k, info.rank))
-            parts = torch.zeros(6, dtype=torch.float64, device=info.device)
-            for a in range(accum):
-                images, targets = _to_device(*next(batches), info.device)
-                sync = a == accum - 1 or not info.distributed
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
-                    losses = ddp_model(images, targets)
-                loss = sum(losses.values())
-                (loss / accum).backward()
-                parts[0] += loss.detach().double() / accum
-                for i, name in enumerate(_LOSS_NAMES):
-                    parts[i + 1] += losses[name].detach().double() / accum
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
-            reduced, stop_now = reduce_mean_and_stop(parts, stop, info)
-            checked_step(optimizer, reduced, gnorm, f"coco {job.model}", f"iteration {k}", job.resume_dir)
-            done = k + 1
-            for i, name in enumerate(("loss",) + _LOSS_NAMES):
-                sums[name] = sums.get(name, 0.0) + float(reduced[i])
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm)
-            interval_iters += 1
-            if done % r["log_every"] == 0 or done == total:
-                elapsed = time.perf_counter() - interval_t0
-                record = {"iter": done, "epoch": done / epoch_iters, "lr": lr,
-                          **{n: v / interval_iters for n, v in sums.items()},
-                          "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)}
-                logger.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-                sums.clear()
-                interval_iters, interval_t0 = 0, time.perf_counter()
-            if stop_now and done < total:
-                state.preempt(done, model, optimizer, open_interval(), f"iteration {done} of {total}")
-            if done % r["checkpoint_every"] == 0 or done == total:
-                # also at the end: a job that fails in evaluation resumes straight to it
-                state.save(done, model, optimizer, open_interval())
-                barrier(info)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    train(TrainTask(
+        name=f"coco {job.model}", model=model, optimizer=optimizer, recipe=r, info=info, batches=batches,
+        start=start, total=total, accum=sampler.accum, lr=lambda k: detection_lr(k, r, epoch_iters),
+        # drop path and the RPN / RoI sampling draw from the global RNG: seed it per iteration and rank
+        begin_update=lambda k: torch.manual_seed(stable_seed(job.seed, "coco-step", k, info.rank)),
+        forward=forward, after_update=after_update, resume_dir=job.resume_dir,
+        save=lambda done: state.save(done, model, optimizer, interval.state()),
+        # also at the end: a job that fails in evaluation resumes straight to it
+        should_save=lambda done: done % r["checkpoint_every"] == 0 or done == total,
+        progress=progress,
+    ))
     del batches, loader
 
     t_eval = time.perf_counter()

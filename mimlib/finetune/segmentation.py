@@ -31,7 +31,6 @@ a pure function of (seed, k), so a killed job resumed from its rolling checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -41,14 +40,12 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from mimlib.data.ade20k import IGNORE_INDEX, ADE20KTrain, ADE20KVal, _first, collate_train
 from mimlib.data.pretrain_data import GlobalBatchSampler, stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,
-    autocast,
     build_optimizer,
     job_logger,
     write_metrics,
@@ -57,9 +54,10 @@ from mimlib.models.attention import use_fused_attention
 from mimlib.finetune.recipes import SEGMENTATION
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop
-from mimlib.train.schedule import poly_lr, set_lr
-from mimlib.train.step import checked_step
+from mimlib.train.loop import IntervalLog, TrainTask, Update, train
+from mimlib.train.precision import autocast_context
+from mimlib.train.preemption import SigtermSafeDataLoader
+from mimlib.train.schedule import poly_lr
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +219,7 @@ def evaluate(model: SegmentationModel, root: str | Path, recipe: dict[str, Any],
     for item in loader:
         image = item["image"].to(info.device, non_blocking=True)
         label = item["label"].to(info.device, non_blocking=True)
-        with autocast(recipe, info.device):
+        with autocast_context(recipe, info.device):
             logits = slide_inference(model, image, recipe["num_classes"], recipe["slide_crop"],
                                      recipe["slide_stride"], batch_size=recipe["micro_batch"])
         conf.update(resize(logits, label.shape).argmax(1)[0], label)
@@ -278,81 +276,46 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         dataset, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate_train,
         pin_memory=info.device.type == "cuda", prefetch_factor=4 if r["num_workers"] > 0 else None,
     )
-    ddp_model: nn.Module = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    accum = sampler.accum
     aux_weight = float(r["aux_weight"] or 0.0)
     eval_every = int(r.get("eval_every") or 0)
-    last_eval: dict[str, Any] | None = None
+    interval = IntervalLog(extra)  # the open log interval travels in the resume state
 
     def run_eval(done: int) -> dict[str, Any]:
         result = evaluate(model, root, r, info, num_workers=min(int(r["num_workers"]), 2))
         logger.log({"iter": done, "val_miou": result["miou"], "val_acc": result["acc"]})
         return result
 
-    # loss, aux loss, grad norm summed over the open log interval (kept in the resume state)
-    interval = torch.tensor(extra.get("interval", [0.0, 0.0, 0.0]), dtype=torch.float64, device=info.device)
-    interval_iters, t0 = int(extra.get("interval_iters", 0)), time.perf_counter()
+    def forward(train_model: nn.Module, batch: dict[str, torch.Tensor], k: int, micro: int):
+        images = batch["image"].to(info.device, non_blocking=True)
+        labels = batch["label"].to(info.device, non_blocking=True)
+        out = train_model(images)
+        logits, aux = (out if isinstance(out, tuple) else (out, None))
+        main = seg_loss(logits, labels)
+        aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=info.device)
+        return main + aux_weight * aux_loss, torch.stack([main.detach().double(), aux_loss.detach().double()])
 
-    def open_interval() -> dict[str, Any]:
-        return {"interval": interval.tolist(), "interval_iters": interval_iters}
+    def after_update(u: Update) -> dict[str, str] | None:
+        interval.add(loss=u.losses[0], aux_loss=u.losses[1], grad_norm=u.grad_norm)
+        postfix = None
+        if u.done % r["log_every"] == 0 or u.done == r["iters"]:
+            means = interval.means()
+            logger.log({"iter": u.done, **means, "lr": u.lr, "images_per_s": interval.rate(r["global_batch"])})
+            postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
+            interval.clear()
+        if eval_every and u.done % eval_every == 0 and u.done < r["iters"]:
+            run_eval(u.done)
+        return postfix
 
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=r["iters"], initial=start, desc=f"{TASK} {job.model}", unit="it", dynamic_ncols=True)
-    model.train()
-    batches = iter(loader)
-    with StopRequest() as stop:
-        for k in range(start, r["iters"]):
-            lr = lr_at(k, r)
-            set_lr(optimizer, lr)
-            # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
-            torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
-            step = torch.zeros(2, dtype=torch.float64, device=info.device)
-            for a in range(accum):
-                batch = next(batches)
-                images = batch["image"].to(info.device, non_blocking=True)
-                labels = batch["label"].to(info.device, non_blocking=True)
-                sync = a == accum - 1 or not info.distributed
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(r, info.device):
-                    out = ddp_model(images)
-                    logits, aux = (out if isinstance(out, tuple) else (out, None))
-                    main = seg_loss(logits, labels)
-                    aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=info.device)
-                    loss = main + aux_weight * aux_loss
-                (loss / accum).backward()
-                step[0] += main.detach().double() / accum
-                step[1] += aux_loss.detach().double() / accum
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"] or float("inf"))
-            reduced, stop_now = reduce_mean_and_stop(step, stop, info)
-            checked_step(optimizer, reduced, gnorm, f"{TASK} {job.model}", f"iteration {k}", job.resume_dir)
-            done = k + 1
-            interval[:2] += reduced
-            interval[2] += gnorm.double()
-            interval_iters += 1
-            if done % r["log_every"] == 0 or done == r["iters"]:
-                elapsed = time.perf_counter() - t0
-                vals = (interval / interval_iters).tolist()
-                logger.log({"iter": done, "loss": vals[0], "aux_loss": vals[1], "grad_norm": vals[2], "lr": lr,
-                            "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9)})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}")
-                interval.zero_()
-                interval_iters, t0 = 0, time.perf_counter()
-            if eval_every and done % eval_every == 0 and done < r["iters"]:
-                last_eval = run_eval(done)
-            if stop_now and done < r["iters"]:
-                state.preempt(done, model, optimizer, open_interval(), f"iteration {done} of {r['iters']}")
-            if r["checkpoint_every"] and done % r["checkpoint_every"] == 0 and done < r["iters"]:
-                state.save(done, model, optimizer, open_interval())
-                barrier(info)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
+    train(TrainTask(
+        name=f"{TASK} {job.model}", model=model, optimizer=optimizer, recipe=r, info=info,
+        batches=iter(loader), start=start, total=r["iters"], accum=sampler.accum, lr=lambda k: lr_at(k, r),
+        begin_update=lambda k: torch.manual_seed(stable_seed(job.seed, "step", k, info.rank)),
+        forward=forward, after_update=after_update, resume_dir=job.resume_dir,
+        save=lambda done: state.save(done, model, optimizer, interval.state()),
+        should_save=lambda done: bool(r["checkpoint_every"]) and done % r["checkpoint_every"] == 0 and done < r["iters"],
+        progress=progress,
+    ))
     last_eval = run_eval(r["iters"])
     metrics = {"miou": last_eval["miou"], "acc": last_eval["acc"]}
     record = write_metrics(

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mimlib.data.index import read_index
@@ -37,9 +36,9 @@ from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_dis
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
 from mimlib.train.precision import autocast_context
-from mimlib.train.preemption import SigtermSafeDataLoader, StopRequest, reduce_mean_and_stop, stop_after_saving
-from mimlib.train.schedule import scaled_lr, set_lr, step_lr
-from mimlib.train.step import checked_step
+from mimlib.train.loop import IntervalLog, TrainTask, Update, train
+from mimlib.train.preemption import SigtermSafeDataLoader
+from mimlib.train.schedule import scaled_lr, step_lr
 
 log = logging.getLogger(__name__)
 
@@ -208,44 +207,16 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         prefetch_factor=4 if r["num_workers"] > 0 else None,
     )
     val_loader = _validation_loader(job, info)
-    ddp_model: torch.nn.Module = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
-        )
 
-    # Compile the (DDP-wrapped) training forward only; validation and checkpoints use ``model``.
-    train_model = torch.compile(ddp_model) if r.get("compile") else ddp_model
-
-    base_lr = scaled_lr(r["base_lr"], r["global_batch"])
-    warmup_lr = scaled_lr(r["warmup_lr"], r["global_batch"])
-    accum = sampler.accum
     max_corrupt = r["max_corrupt_fraction"] * len(dataset)
-    failed_files: set[str] = set()
     window_start = job.end_iter - max(1, round(r["train_loss_window"] * (job.cell.get("length") or job.end_iter)))
-    tail_losses: list[float] = []
-    if state is not None and source != str(job.init):
-        # Resumed mid-job: restore what the job summary accumulates.
-        tail_losses = list(state.get("tail_losses", []))
-        failed_files.update(state.get("failed_files", []))
-    interval_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-    interval_gnorm = torch.zeros((), dtype=torch.float64, device=info.device)
-    interval_iters, interval_t0 = 0, time.perf_counter()
-    if state is not None and source != str(job.init) and "interval" in state:
-        interval_loss.fill_(state["interval"][0])
-        interval_gnorm.fill_(state["interval"][1])
-        interval_iters = state["interval"][2]
+    resumed = state if state is not None and source != str(job.init) else {}  # mid-job: restore the sums
+    tail_losses: list[float] = list(resumed.get("tail_losses", []))
+    failed_files: set[str] = set(resumed.get("failed_files", []))
+    interval = IntervalLog(resumed)
     t_job = time.perf_counter()
     last_val: float | None = None
     trivial_val: float | None = None
-
-    def progress_state() -> dict[str, Any]:
-        """What a resumed job needs besides weights: the summary's and the open log interval's sums."""
-        return {
-            "tail_losses": tail_losses,
-            "failed_files": sorted(failed_files),
-            "interval": [float(interval_loss), float(interval_gnorm), interval_iters],
-        }
 
     def evaluate(iteration: int) -> None:
         nonlocal last_val, trivial_val
@@ -254,89 +225,55 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         last_val, trivial_val = validation_loss(model, val_loader, r, info)
         logger.log({"iter": iteration, "val_loss": last_val, "val_trivial_loss": trivial_val})
 
-    model.train()
-    batches = iter(loader)
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
+    def forward(train_model: torch.nn.Module, batch: dict[str, Any], k: int, micro: int):
+        failed_files.update(batch["failed"])
+        loss = train_model(batch["image"].to(info.device, non_blocking=True),
+                           batch["mask"].to(info.device, non_blocking=True))
+        return loss, loss.detach().double()
 
-        bar = tqdm(total=job.end_iter, initial=start, desc=f"{job.model} -> {job.end_iter}", unit="it", dynamic_ncols=True)
-    with StopRequest() as stop:  # SIGTERM -> save and raise Preempted after this update
-        for k in range(start, job.end_iter):
-            lr = step_lr(k, base_lr, r["warmup_iters"], warmup_lr, job.decay_at, r["decay_ratio"])
-            set_lr(optimizer, lr)
-            # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
-            # run or a trunk/branch split draws the same paths as an uninterrupted one.
-            torch.manual_seed(stable_seed(job.seed, "step", k, info.rank))
-            step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-            for a in range(accum):
-                batch = next(batches)
-                failed_files.update(batch["failed"])
-                images = batch["image"].to(info.device, non_blocking=True)
-                masks = batch["mask"].to(info.device, non_blocking=True)
-                sync = a == accum - 1 or not info.distributed
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast_context(r, info.device):
-                    loss = train_model(images, masks)
-                (loss / accum).backward()
-                step_loss += loss.detach().double() / accum
-            if r["clip_grad"]:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"])
-            else:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            # One reduction carries the loss and "a rank was asked to stop" (SIGTERM), so every
-            # rank stops after the same iteration.
-            reduced, stop_now = reduce_mean_and_stop(step_loss, stop, info)
-            checked_step(optimizer, reduced, gnorm, job.model, f"iteration {k}", job.resume_dir)
-            done = k + 1
-            interval_loss += reduced
-            interval_gnorm += gnorm.double()
-            interval_iters += 1
-            if done > window_start:
-                tail_losses.append(float(reduced))
-            if len(failed_files) > 0:
-                n_failed = int(all_reduce_sum(torch.tensor(len(failed_files), device=info.device), info))
-                if n_failed > max_corrupt:
-                    names = ", ".join(sorted(failed_files)[:20])
-                    raise TooManyCorruptImagesError(
-                        f"{n_failed} of {len(dataset)} images in {job.manifest} could not be decoded "
-                        f"(limit max_corrupt_fraction={r['max_corrupt_fraction']}): {names}"
-                    )
-            if done % r["log_every"] == 0 or done == job.end_iter:
-                elapsed = time.perf_counter() - interval_t0
-                record = {
-                    "iter": done,
-                    "loss": float(interval_loss) / interval_iters,
-                    "lr": lr,
-                    "grad_norm": float(interval_gnorm) / interval_iters,
-                    "images_per_s": interval_iters * r["global_batch"] / max(elapsed, 1e-9),
-                    "corrupt_images": len(failed_files),
-                }
-                logger.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                interval_loss.zero_()
-                interval_gnorm.zero_()
-                interval_iters, interval_t0 = 0, time.perf_counter()
-            if done % r["val_every"] == 0 or done == job.end_iter:
-                evaluate(done)
-            if stop_now and done < job.end_iter:
-                stop_after_saving(
-                    lambda: ckpt.save_rolling(_state(model, optimizer, done, job, **progress_state()),
-                                              job.resume_dir, done),
-                    f"stopped by SIGTERM after iteration {done}; state saved in {job.resume_dir}", info,
+    def after_update(u: Update) -> dict[str, str] | None:
+        interval.add(loss=u.losses, grad_norm=u.grad_norm)
+        if u.done > window_start:
+            tail_losses.append(float(u.losses))
+        if len(failed_files) > 0:
+            n_failed = int(all_reduce_sum(torch.tensor(len(failed_files), device=info.device), info))
+            if n_failed > max_corrupt:
+                names = ", ".join(sorted(failed_files)[:20])
+                raise TooManyCorruptImagesError(
+                    f"{n_failed} of {len(dataset)} images in {job.manifest} could not be decoded "
+                    f"(limit max_corrupt_fraction={r['max_corrupt_fraction']}): {names}"
                 )
-            if done % r["checkpoint_every"] == 0 and done < job.end_iter:
-                if info.is_main:
-                    ckpt.save_rolling(
-                        _state(model, optimizer, done, job, **progress_state()),
-                        job.resume_dir,
-                        done,
-                    )
-                barrier(info)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+        postfix = None
+        if u.done % r["log_every"] == 0 or u.done == job.end_iter:
+            means = interval.means()
+            logger.log({"iter": u.done, "loss": means["loss"], "lr": u.lr, "grad_norm": means["grad_norm"],
+                        "images_per_s": interval.rate(r["global_batch"]), "corrupt_images": len(failed_files)})
+            postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
+            interval.clear()
+        if u.done % r["val_every"] == 0 or u.done == job.end_iter:
+            evaluate(u.done)
+        return postfix
+
+    def save(done: int) -> None:
+        # What a resumed job needs besides weights: the summary's and the open log interval's sums.
+        if info.is_main:
+            progress_state = {"tail_losses": tail_losses, "failed_files": sorted(failed_files), **interval.state()}
+            ckpt.save_rolling(_state(model, optimizer, done, job, **progress_state), job.resume_dir, done)
+
+    base_lr = scaled_lr(r["base_lr"], r["global_batch"])
+    warmup_lr = scaled_lr(r["warmup_lr"], r["global_batch"])
+    train(TrainTask(
+        name=job.model, model=model, optimizer=optimizer, recipe=r, info=info, batches=iter(loader),
+        start=start, total=job.end_iter, accum=sampler.accum,
+        lr=lambda k: step_lr(k, base_lr, r["warmup_iters"], warmup_lr, job.decay_at, r["decay_ratio"]),
+        # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
+        # run or a trunk/branch split draws the same paths as an uninterrupted one.
+        begin_update=lambda k: torch.manual_seed(stable_seed(job.seed, "step", k, info.rank)),
+        forward=forward, after_update=after_update, save=save, resume_dir=job.resume_dir,
+        should_save=lambda done: done % r["checkpoint_every"] == 0 and done < job.end_iter,
+        stop_message=lambda done: f"stopped by SIGTERM after iteration {done}; state saved in {job.resume_dir}",
+        progress=progress, desc=f"{job.model} -> {job.end_iter}",
+    ))
     if start == job.end_iter and val_loader is not None:
         evaluate(job.end_iter)
 

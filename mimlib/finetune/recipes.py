@@ -72,6 +72,7 @@ DETECTION: dict[str, Any] = {
     "clip_grad": None,
     # engine
     "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU
+    "compile": False,  # torch.compile the training forward (the shared loop, mimlib.train.loop)
     "num_workers": 4,
     "log_every": 50,
     "checkpoint_every": 1000,
@@ -139,6 +140,7 @@ SEGMENTATION: dict[str, Any] = {
     # --- engineering ---
     "fused_attention": True,  # window attention through SDPA (mimlib.models.attention)
     "precision": "auto",  # bf16 autocast on CUDA, fp32 on CPU
+    "compile": False,  # torch.compile the training forward (the shared loop, mimlib.train.loop)
     "num_workers": 4,
     "log_every": 50,  # iterations
     "eval_every": 8000,  # iterations between validation runs; 0/None = only the final one

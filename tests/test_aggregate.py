@@ -457,3 +457,26 @@ def test_report_captions_render() -> None:
             warnings.simplefilter("ignore", PendingDeprecationWarning)
             body = publish_parts(text, writer_name="html", settings_overrides={"report_level": 2, "halt_level": 2})["body"]
         assert len(body) > 200, name
+
+
+def test_bounded_least_squares_is_the_exact_optimum_with_zeros_at_the_bound() -> None:
+    """The scaling fit's inner solve equals the best of every support (an exhaustive oracle)."""
+    import itertools
+
+    from mimlib.analysis.scaling import _nnls_with_free_intercept
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        X = rng.uniform(0.1, 1.0, size=(12, 3))
+        y = 2.0 + X @ rng.normal(size=3) + 0.01 * rng.normal(size=12)  # some true coefficients negative
+        coef, sse = _nnls_with_free_intercept(X, y)
+        assert (coef[1:] >= 0).all()
+        best = np.inf
+        for size in range(4):
+            for support in itertools.combinations(range(3), size):
+                A = np.column_stack([np.ones(12), X[:, list(support)]])
+                sol = np.linalg.lstsq(A, y, rcond=None)[0]
+                if (sol[1:] >= 0).all():
+                    best = min(best, float(((A @ sol - y) ** 2).sum()))
+        assert sse == pytest.approx(best, rel=1e-9, abs=1e-12), trial
+        assert ((coef[1:] == 0) | (coef[1:] > 1e-12)).all()  # inactive coefficients exactly 0

@@ -6,9 +6,9 @@ and only the axes that vary in the study (a constant axis is folded into the con
 
 * **additive** (preferred): ``L = E + A * (N/N0)^-a + B * (D/D0)^-b + C * (I/I0)^-c`` with
   A, B, C >= 0 and exponents in [0.005, 5]. Fitted by variable projection: for given exponents
-  the coefficients are a small non-negative least-squares problem (solved exactly by trying
-  every support), and the exponents are searched on a grid, then refined by Nelder-Mead
-  (scipy's if installed, else the numpy one below). Needs ``n >= 2k + 3`` cells (k = varying axes).
+  the coefficients are a small non-negative least-squares problem (solved exactly by
+  scipy's bounded least squares), and the exponents are searched on a grid, then refined by
+  scipy's Nelder-Mead. Needs ``n >= 2k + 3`` cells (k = varying axes).
 * **multiplicative** (fewer cells): ``log L = log K - a log(N/N0) - b log(D/D0) - c log(I/I0)``,
   ordinary least squares on the log form; needs ``n >= k + 2``.
 
@@ -68,62 +68,22 @@ class ScalingFit:
 
 # ------------------------------------------------------------------ solvers
 def _nnls_with_free_intercept(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """min ||[1, X] [e, c] - y||^2 with c >= 0 (e free): the best feasible unconstrained solution
-    over every support of c, which is the exact optimum for the handful of columns used here."""
+    """min ||[1, X] [e, c] - y||^2 with c >= 0 and e free: scipy's bounded-variable least
+    squares (exact for these few columns; a coefficient at its bound is exactly 0)."""
+    from scipy.optimize import lsq_linear
+
     n, k = design.shape
-    best_coef, best_sse = np.zeros(k), math.inf
-    for size in range(k + 1):
-        for support in itertools.combinations(range(k), size):
-            cols = [np.ones(n)] + [design[:, j] for j in support]
-            sol, *_ = np.linalg.lstsq(np.stack(cols, axis=1), y, rcond=None)
-            if size and (sol[1:] < 0).any():
-                continue
-            coef = np.zeros(k + 1)
-            coef[0] = sol[0]
-            coef[[j + 1 for j in support]] = sol[1:]
-            sse = float(((np.stack([np.ones(n), *design.T], axis=1) @ coef - y) ** 2).sum())
-            if sse < best_sse:
-                best_coef, best_sse = coef, sse
-    return best_coef, best_sse
-
-
-def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 0.3,
-                iters: int = 400, tol: float = 1e-12) -> np.ndarray:
-    """Minimise ``f`` from ``x0`` with the Nelder-Mead simplex (standard coefficients)."""
-    dim = len(x0)
-    simplex = [np.asarray(x0, float)] + [np.asarray(x0, float) + step * np.eye(dim)[i] for i in range(dim)]
-    values = [f(p) for p in simplex]
-    for _ in range(iters):
-        order = np.argsort(values)
-        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
-        if abs(values[-1] - values[0]) <= tol * (abs(values[0]) + tol):
-            break
-        centroid = np.mean(simplex[:-1], axis=0)
-        reflected = centroid + (centroid - simplex[-1])
-        fr = f(reflected)
-        if fr < values[0]:
-            expanded = centroid + 2.0 * (centroid - simplex[-1])
-            fe = f(expanded)
-            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            simplex[-1], values[-1] = reflected, fr
-        else:
-            inside = fr >= values[-1]
-            contracted = centroid + 0.5 * ((simplex[-1] if inside else reflected) - centroid)
-            fc = f(contracted)
-            if fc < min(fr, values[-1]):
-                simplex[-1], values[-1] = contracted, fc
-            else:  # shrink towards the best point
-                simplex = [simplex[0]] + [simplex[0] + 0.5 * (p - simplex[0]) for p in simplex[1:]]
-                values = [values[0]] + [f(p) for p in simplex[1:]]
-    return simplex[int(np.argmin(values))]
+    full = np.concatenate([np.ones((n, 1)), design], axis=1)
+    lower = np.r_[-np.inf, np.zeros(k)]
+    coef = lsq_linear(full, y, bounds=(lower, np.full(k + 1, np.inf)), method="bvls").x
+    return coef, float(((full @ coef - y) ** 2).sum())
 
 
 def _minimise(f: Callable[[np.ndarray], float], x0: np.ndarray) -> np.ndarray:
-    try:
-        from scipy.optimize import minimize
-    except ImportError:
-        return nelder_mead(f, x0)
+    """Refine the grid's best exponents: scipy's Nelder-Mead (the objective is not smooth
+    where the least-squares support changes)."""
+    from scipy.optimize import minimize
+
     return np.asarray(minimize(f, x0, method="Nelder-Mead",
                                options={"xatol": 1e-8, "fatol": 1e-14, "maxiter": 4000}).x)
 
@@ -187,6 +147,11 @@ def fit_scaling(N, D, I, L, form: str = "auto") -> ScalingFit:  # noqa: E741
             notes.append(f"no measurable effect of {', '.join(unidentified)} (coefficient 0; its exponent is arbitrary)")
         at_bound = [a for a in axes if a not in unidentified
                     and min(abs(params[f"exp_{a}"] - b) for b in EXPONENT_BOUNDS) < 1e-6]
+        two_valued = [a for a in axes if a not in unidentified and np.unique(x[a]).size == 2]
+        if two_valued:
+            notes.append(f"{', '.join(two_valued)} takes only two values: its exponent trades off against E and its "
+                         "coefficient along a flat valley (other exponents fit as well); read its effect from the "
+                         "two cells, not from the exponent")
         if at_bound:
             notes.append(f"exponent of {', '.join(at_bound)} at its bound {EXPONENT_BOUNDS}: that axis's "
                          "curvature is not identified by these cells; extrapolate along it with care")

@@ -1,6 +1,10 @@
 """One function per aggregation target: read the inputs, build, write (called by
-``workflow/rules/aggregate.smk`` and by the tests). Outputs live under the results folder at
-the paths of ``common`` (tables/, figures/, analysis/)."""
+``workflow/rules/aggregate.smk`` and by the tests).
+
+:func:`target_outputs` is the one declaration of what each target writes (under the results
+folder, at the patterns of ``common``: tables/, figures/, analysis/): the workflow's rules are
+generated from it, its script hands the rule's ``snakemake.output`` to the writer, and a
+writer called without one (tests, the CLI) writes to the same paths."""
 
 from __future__ import annotations
 
@@ -40,6 +44,39 @@ def figure_paths(results: str | Path, name: str) -> dict[str, Path]:
     return {ext: _out(results, C.FIGURE, name=name, ext=ext) for ext in ("png", "pdf")}
 
 
+def target_outputs(name: str, results: str | Path) -> dict[str, Path]:
+    """The files target ``name`` writes, by key (the rule's named outputs)."""
+    if name not in TARGETS:
+        raise KeyError(f"unknown aggregation target {name!r} (known: {', '.join(TARGETS)})")
+    if name.startswith("table"):
+        return table_paths(results, name)
+    if name.startswith("fig"):
+        return figure_paths(results, name)
+    if name == "overfitting":
+        return {"csv": _out(results, C.OVERFITTING)}
+    if name == "proxy":
+        return {"cells": _out(results, C.PROXY_CELLS), "summary": _out(results, C.PROXY_SUMMARY),
+                "md": _out(results, C.PROXY_REPORT, ext="md"), "html": _out(results, C.PROXY_REPORT, ext="html"),
+                **figure_paths(results, "proxy")}
+    if name == "scaling":
+        return {"json": _out(results, C.SCALING_JSON), "fit": _out(results, C.SCALING_FIT),
+                "predictions": _out(results, C.SCALING_PREDICTIONS),
+                "md": _out(results, C.SCALING_REPORT, ext="md"), "html": _out(results, C.SCALING_REPORT, ext="html"),
+                **figure_paths(results, "scaling")}
+    return findings_paths(results)
+
+
+def _outputs(name: str, results: str | Path, out: Mapping[str, Any] | None) -> dict[str, Path]:
+    """``out`` (a rule's outputs) as paths, checked against the declaration; else the declaration."""
+    declared = target_outputs(name, results)
+    if out is None:
+        return declared
+    given = {k: Path(v) for k, v in dict(out).items()}
+    if set(given) != set(declared):
+        raise KeyError(f"target {name}: outputs {sorted(given)} given, {sorted(declared)} declared")
+    return given
+
+
 def manifest_paths(cfg: Mapping[str, Any], results: str | Path, datasets=None) -> dict[str, Path]:
     names = list(cfg["datasets"]) if datasets is None else list(datasets)
     return {ds: paths.at(results, paths.MANIFEST, dataset=ds) for ds in names}
@@ -55,8 +92,8 @@ def largest_model(cfg: Mapping[str, Any]) -> str:
     return max(cfg["models"], key=encoder_params)
 
 
-def _write_table(cfg, results, name: str, df: pd.DataFrame, note: str = "") -> pd.DataFrame:
-    out = table_paths(results, name)
+def _write_table(cfg, results, name: str, df: pd.DataFrame, note: str = "", out=None) -> pd.DataFrame:
+    out = _outputs(name, results, out)
     C.save_table(df, out["csv"], out["md"], out["html"], title=f"{TITLES[name]} — study {C.study_name(cfg)}",
                  note=note, cfg=cfg)
     return df
@@ -67,42 +104,42 @@ def _summary(cfg, results) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ tables
-def write_table1(cfg, results) -> pd.DataFrame:
+def write_table1(cfg, results, out=None) -> pd.DataFrame:
     from .tables import table1
 
     return _write_table(cfg, results, "table1", table1(cfg),
                         "params: backbone parameters (no decoder, mask token or head); GFLOPs: fvcore count of "
-                        "one encoder forward on one image (a multiply-add = 1 FLOP).")
+                        "one encoder forward on one image (a multiply-add = 1 FLOP).", out)
 
 
-def write_table2(cfg, results) -> pd.DataFrame:
+def write_table2(cfg, results, out=None) -> pd.DataFrame:
     from .tables import table2
 
-    return _write_table(cfg, results, "table2", table2(cfg, manifest_paths(cfg, results)))
+    return _write_table(cfg, results, "table2", table2(cfg, manifest_paths(cfg, results)), out=out)
 
 
-def write_table3(cfg, results) -> pd.DataFrame:
+def write_table3(cfg, results, out=None) -> pd.DataFrame:
     from .tables import table3
 
     return _write_table(cfg, results, "table3", table3(cfg, results),
-                        "Empty: no IN-1K result for that model x dataset. scratch: from-scratch baseline.")
+                        "Empty: no IN-1K result for that model x dataset. scratch: from-scratch baseline.", out)
 
 
-def write_table_by_length(cfg, results, name: str) -> pd.DataFrame:
+def write_table_by_length(cfg, results, name: str, out=None) -> pd.DataFrame:
     from . import tables
 
     return _write_table(cfg, results, name, getattr(tables, name)(cfg, results),
-                        "Rows: model x pre-training length; length 0 = from-scratch baseline. Empty: no result.")
+                        "Rows: model x pre-training length; length 0 = from-scratch baseline. Empty: no result.", out)
 
 
-def write_overfitting(cfg, results, tolerance: float | None = None) -> pd.DataFrame:
+def write_overfitting(cfg, results, out=None, tolerance: float | None = None) -> pd.DataFrame:
     tol = C.analysis_settings(cfg)["overfit_tolerance"] if tolerance is None else tolerance
     summary = _summary(cfg, results)
     curves = C.read_curves(paths.at(results, paths.PRETRAIN_CURVES))
     df = classify_overfitting(summary, curves, tol)
-    out = _out(results, C.OVERFITTING)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False, float_format="%.6g")
+    path = _outputs("overfitting", results, out)["csv"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False, float_format="%.6g")
     return df
 
 
@@ -110,32 +147,32 @@ def _overfit(results) -> pd.DataFrame:
     return read_overfitting(_out(results, C.OVERFITTING))
 
 
-def write_table7(cfg, results) -> pd.DataFrame:
+def write_table7(cfg, results, out=None) -> pd.DataFrame:
     from .tables import table7
 
     cells = C.scored_cells(cfg, results, _summary(cfg, results))
     tol = C.analysis_settings(cfg)["overfit_tolerance"]
     return _write_table(cfg, results, "table7", table7(cfg, cells, _overfit(results)),
                         f"Over the pre-trained cells with a score; overfitting per mimlib/analysis/overfitting.py "
-                        f"(tolerance {tol}). Empty r: fewer than 3 cells in the group.")
+                        f"(tolerance {tol}). Empty r: fewer than 3 cells in the group.", out)
 
 
-def write_table8(cfg, results) -> pd.DataFrame:
+def write_table8(cfg, results, out=None) -> pd.DataFrame:
     from .tables import table8
 
     df = table8(cfg, results, _summary(cfg, results))
     note = ("params_m: encoder + mask token + decoder (millions)." if len(df) else
             "Empty: every model of this study uses the same decoder (pretrain.decoder), nothing to compare.")
-    return _write_table(cfg, results, "table8", df, note)
+    return _write_table(cfg, results, "table8", df, note, out)
 
 
-def write_table9(cfg, results) -> pd.DataFrame:
+def write_table9(cfg, results, out=None) -> pd.DataFrame:
     from .tables import sampling_candidates, table9
 
     stats = C.manifest_stats(manifest_paths(cfg, results, sampling_candidates(cfg)))
     df = table9(cfg, results, _summary(cfg, results), stats)
     note = "" if len(df) else "Empty: the study has no class-subset dataset (datasets.<name>.num_classes)."
-    return _write_table(cfg, results, "table9", df, note)
+    return _write_table(cfg, results, "table9", df, note, out)
 
 
 # ------------------------------------------------------------------ figures
@@ -148,35 +185,35 @@ def _cost_cells(cfg, results, scores: bool = True) -> tuple[pd.DataFrame, pd.Dat
     return add_relative_cost(cells, stats, cfg["lengths"]), stats
 
 
-def write_figure1(cfg, results) -> None:
+def write_figure1(cfg, results, out=None) -> None:
     from .figures import figure1
 
     cells, stats = _cost_cells(cfg, results)
-    out = figure_paths(results, "fig1")
+    out = _outputs("fig1", results, out)
     figure1(cfg, cells, stats, out["png"], out["pdf"])
 
 
-def write_figure2(cfg, results) -> None:
+def write_figure2(cfg, results, out=None) -> None:
     from .figures import figure2
 
     cells = C.scored_cells(cfg, results, _summary(cfg, results))
-    out = figure_paths(results, "fig2")
+    out = _outputs("fig2", results, out)
     figure2(cfg, cells, out["png"], out["pdf"])
 
 
-def write_figure3(cfg, results) -> None:
+def write_figure3(cfg, results, out=None) -> None:
     from .figures import figure3
 
     cells, stats = _cost_cells(cfg, results)
-    out = figure_paths(results, "fig3")
+    out = _outputs("fig3", results, out)
     figure3(cfg, cells, stats, out["png"], out["pdf"])
 
 
-def write_figure4(cfg, results) -> None:
+def write_figure4(cfg, results, out=None) -> None:
     from .figures import figure4
 
     cells = C.scored_cells(cfg, results, _summary(cfg, results))
-    out = figure_paths(results, "fig4")
+    out = _outputs("fig4", results, out)
     figure4(cfg, cells, _overfit(results), out["png"], out["pdf"])
 
 
@@ -186,82 +223,82 @@ def figure5_checkpoints(cfg, results) -> dict[str, Path]:
     return {ds: paths.at(results, paths.CELL_CKPT, model=model, dataset=ds, length=length) for ds in cfg["datasets"]}
 
 
-def write_figure5(cfg, results) -> list[tuple[str, str]]:
+def write_figure5(cfg, results, out=None) -> list[tuple[str, str]]:
     from .reconstruction import figure5
 
-    out = figure_paths(results, "fig5")
+    out = _outputs("fig5", results, out)
     return figure5(cfg, _overfit(results), largest_model(cfg), figure5_checkpoints(cfg, results),
                    manifest_paths(cfg, results), val_index_path(cfg, results), out["png"], out["pdf"],
                    images=int(C.analysis_settings(cfg)["reconstruction_images"]))
 
 
-def write_figure6(cfg, results) -> None:
+def write_figure6(cfg, results, out=None) -> None:
     from .figures import figure6
     from .tables import sampling_candidates, sampling_pairs
 
     stats = C.manifest_stats(manifest_paths(cfg, results, sampling_candidates(cfg)))
     pairs = sampling_pairs(cfg, dict(zip(stats["dataset"], stats["images"])))
-    out = figure_paths(results, "fig6")
+    out = _outputs("fig6", results, out)
     curves = C.read_curves(paths.at(results, paths.PRETRAIN_CURVES)) if pairs else pd.DataFrame()
     figure6(cfg, curves, pairs, out["png"], out["pdf"])
 
 
-def write_curve_figure(cfg, results, name: str) -> None:
+def write_curve_figure(cfg, results, name: str, out=None) -> None:
     from . import figures
 
     curves = C.read_curves(paths.at(results, paths.PRETRAIN_CURVES))
-    out = figure_paths(results, name)
+    out = _outputs(name, results, out)
     {"fig7": figures.figure7, "fig8": figures.figure8}[name](cfg, curves, out["png"], out["pdf"])
 
 
 # ------------------------------------------------------------------ beyond the paper
-def write_proxy(cfg, results) -> tuple[pd.DataFrame, pd.DataFrame]:
+def write_proxy(cfg, results, out=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     from .proxy import proxy_figure, proxy_tables
 
     cells = C.scored_cells(cfg, results, _summary(cfg, results))
     per_cell, summary = proxy_tables(cfg, cells)
-    _out(results, C.PROXY_CELLS).parent.mkdir(parents=True, exist_ok=True)
-    per_cell.to_csv(_out(results, C.PROXY_CELLS), index=False, float_format="%.6g")
-    summary.to_csv(_out(results, C.PROXY_SUMMARY), index=False, float_format="%.6g")
+    out = _outputs("proxy", results, out)
+    out["cells"].parent.mkdir(parents=True, exist_ok=True)
+    per_cell.to_csv(out["cells"], index=False, float_format="%.6g")
+    summary.to_csv(out["summary"], index=False, float_format="%.6g")
     title = f"Validation loss as a proxy for fine-tuning — study {C.study_name(cfg)}"
     note = ("Per task score: line score = slope * val_loss + intercept fitted on every measured cell; "
             "predicted_loo leaves the cell out. spearman_val_loss: rank agreement of low val loss and high "
             "score (+1 = perfect). runs_needed: fine-tuning the cells in val-loss order finds the measured "
             "best after this many runs; runs_saved = the rest. regret_topk: best score minus the best of "
             "the k lowest-loss cells.")
-    _out(results, C.PROXY_REPORT, ext="md").write_text(
+    out["md"].write_text(
         f"**{title}**\n\n{note}\n\n" + C.markdown_table(C.pretty(summary, cfg)) + "\n\nPer cell:\n\n"
         + C.markdown_table(C.pretty(per_cell, cfg)))
-    _out(results, C.PROXY_REPORT, ext="html").write_text(
+    out["html"].write_text(
         C.html_page(title, [("Summary", C.pretty(summary, cfg)), ("Per cell", C.pretty(per_cell, cfg))], note))
-    out = figure_paths(results, "proxy")
     proxy_figure(cfg, per_cell, out["png"], out["pdf"])
     return per_cell, summary
 
 
-def write_scaling(cfg, results):
+def write_scaling(cfg, results, out=None):
     from .scaling import scaling_figure, scaling_inputs, study_scaling
 
     stats = pd.read_csv(table_paths(results, "table1")["csv"])
     datasets = C.manifest_stats(manifest_paths(cfg, results))
     inputs = scaling_inputs(cfg, _summary(cfg, results), stats, datasets, _overfit(results))
     fit, cells, predictions = study_scaling(cfg, inputs)
-    _out(results, C.SCALING_JSON).parent.mkdir(parents=True, exist_ok=True)
-    _out(results, C.SCALING_JSON).write_text(fit.to_json() + "\n")
-    cells.to_csv(_out(results, C.SCALING_FIT), index=False, float_format="%.6g")
-    predictions.to_csv(_out(results, C.SCALING_PREDICTIONS), index=False, float_format="%.6g")
+    out = _outputs("scaling", results, out)
+    out["json"].parent.mkdir(parents=True, exist_ok=True)
+    out["json"].write_text(fit.to_json() + "\n")
+    cells.to_csv(out["fit"], index=False, float_format="%.6g")
+    predictions.to_csv(out["predictions"], index=False, float_format="%.6g")
     title = f"Scaling fit of the validation loss — study {C.study_name(cfg)}"
     refs = ", ".join(f"{a}0 = {fit.refs[a]:.6g}" for a in fit.axes)
     params = pd.DataFrame([{"parameter": k, "value": v} for k, v in fit.params.items()])
     quality = (f"form: {fit.form}; {fit.formula}; {refs}; N = backbone parameters, D = pre-training images, "
                f"I = iterations; {fit.n} cells, R^2 = {fit.r2:.4f}, RMSE = {fit.rmse:.5f}. {fit.note}")
-    _out(results, C.SCALING_REPORT, ext="md").write_text(
+    out["md"].write_text(
         f"**{title}**\n\n{quality}\n\n" + C.markdown_table(params) + "\n\nPredictions for cells not run:\n\n"
         + C.markdown_table(predictions) + "\n\nPer cell:\n\n" + C.markdown_table(C.pretty(cells, cfg)))
-    _out(results, C.SCALING_REPORT, ext="html").write_text(C.html_page(
+    out["html"].write_text(C.html_page(
         title, [("Parameters", params), ("Predictions for cells not run", predictions),
                 ("Per cell", C.pretty(cells, cfg))], quality))
-    out = figure_paths(results, "scaling")
     scaling_figure(cfg, fit, cells, out["png"], out["pdf"])
     return fit, cells, predictions
 
@@ -307,12 +344,12 @@ def findings_study(cfg, results):
         seeds=F.read_seed_spread(_out(results, C.SEED_SPREAD)), scratch=scratch)
 
 
-def write_findings(cfg, results) -> list:
+def write_findings(cfg, results, out=None) -> list:
     from . import findings as F
 
     study = findings_study(cfg, results)
     found = F.study_findings(study)
-    out = findings_paths(results)
+    out = _outputs("findings", results, out)
     out["json"].parent.mkdir(parents=True, exist_ok=True)
     out["json"].write_text(F.findings_json(study.name, found, study.seeds))
     out["md"].write_text(F.findings_markdown(study.name, found, study.seeds))
@@ -334,8 +371,10 @@ TARGETS: dict[str, Callable[..., Any]] = {
 }
 
 
-def run_target(name: str, cfg: Mapping[str, Any], results: str | Path | None = None, **kw: Any) -> Any:
-    """Build one aggregation target (``cfg`` validated, e.g. the workflow's ``CFG``)."""
+def run_target(name: str, cfg: Mapping[str, Any], results: str | Path | None = None,
+               out: Mapping[str, Any] | None = None, **kw: Any) -> Any:
+    """Build one aggregation target (``cfg`` validated, e.g. the workflow's ``CFG``) into ``out``
+    (its rule's named outputs; default :func:`target_outputs`)."""
     if name not in TARGETS:
         raise KeyError(f"unknown aggregation target {name!r} (known: {', '.join(TARGETS)})")
-    return TARGETS[name](cfg, results if results is not None else cfg["results"], **kw)
+    return TARGETS[name](cfg, results if results is not None else cfg["results"], out=out, **kw)

@@ -35,6 +35,7 @@ import functools
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -58,11 +59,13 @@ from mimlib.finetune.common import (
     write_metrics,
 )
 from mimlib.finetune.recipes import CLASSIFICATION
+from mimlib.models.attention import use_fused_attention
 from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.metrics import copy_atomic
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.loop import TrainTask, Update, train
+from mimlib.train.metrics import JsonlLogger
 from mimlib.train.precision import autocast_context
 from mimlib.train.preemption import SigtermSafeDataLoader
 from mimlib.train.schedule import cosine_lr, scaled_lr
@@ -207,6 +210,94 @@ def _weights(model: nn.Module, job: FinetuneJob, r: dict[str, Any], epoch: int, 
             "top1": top1, "num_classes": num_classes, "recipe": job.recipe}
 
 
+def _mixup_and_criterion(r: dict[str, Any], num_classes: int) -> tuple[Callable | None, nn.Module]:
+    """timm's Mixup/CutMix with its soft-target loss, or plain (label-smoothed) cross entropy."""
+    if not mixup_active(r):
+        return None, nn.CrossEntropyLoss(label_smoothing=r["label_smoothing"])
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    mixup_fn = Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], prob=r["mixup_prob"],
+                     switch_prob=r["mixup_switch_prob"], mode="batch",
+                     label_smoothing=r["label_smoothing"], num_classes=num_classes)
+    return mixup_fn, SoftTargetCrossEntropy()
+
+
+@dataclass(kw_only=True)
+class ClassificationTraining(TrainTask):
+    """Classification in the shared loop: updates counted across epochs; at each epoch's end
+    the val split is evaluated, the epoch logged and the best weights kept."""
+
+    job: FinetuneJob
+    state: ResumableState
+    logger: JsonlLogger
+    updates: int  # per epoch
+    schedule: Callable[[int], float]  # lr_schedule(recipe, updates)
+    val_loader: Any
+    num_classes: int
+    mixup_fn: Callable | None
+    criterion: nn.Module
+    best: dict[str, Any]  # best_top1, best_top5, best_epoch, last_top1 (resumed with the state)
+    epoch_loss: float = 0.0  # summed over this epoch's updates (a mid-epoch resume continues it)
+    epoch_first: int = 0  # first update of this epoch run by this job (for images/s)
+    epoch_t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def work_best(self) -> Path:
+        return Path(self.job.resume_dir) / "best.pt"
+
+    def lr(self, k: int) -> float:
+        return self.schedule(k)
+
+    def forward(self, train_model: nn.Module, batch: Any, k: int, micro: int):
+        images, labels = batch
+        # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
+        # micro-step so the run does not depend on where it was resumed.
+        _seed_step(self.job.seed, "ft-step", *divmod(k, self.updates), micro, self.info.rank)
+        images = images.to(self.info.device, non_blocking=True)
+        labels = labels.to(self.info.device, non_blocking=True)
+        targets = labels
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, labels)
+        loss = self.criterion(train_model(images), targets)
+        return loss, loss.detach().double()
+
+    def after_update(self, u: Update) -> dict[str, str] | None:
+        self.epoch_loss += float(u.losses)
+        epoch, at = divmod(u.done, self.updates)
+        if at:  # mid-epoch
+            return {"loss": f"{float(u.losses):.4f}", "lr": f"{u.lr:.2e}"} if at % self.recipe["log_every"] == 0 else None
+        r, best = self.recipe, self.best
+        train_time = time.perf_counter() - self.epoch_t0
+        top1, top5, val_loss = evaluate(self.model, self.val_loader, r, self.info)
+        best["last_top1"] = top1
+        if top1 > best["best_top1"]:
+            best.update(best_top1=top1, best_top5=top5, best_epoch=epoch)
+            if self.info.is_main:
+                ckpt.save_atomic(_weights(self.model, self.job, r, epoch, top1, self.num_classes), self.work_best)
+        self.logger.log({"epoch": epoch, "train_loss": self.epoch_loss / self.updates, "lr": u.lr, "top1": top1,
+                         "top5": top5, "val_loss": val_loss,
+                         "images_per_s": (self.updates - self.epoch_first) * r["global_batch"] / max(train_time, 1e-9)})
+        self.epoch_loss, self.epoch_first, self.epoch_t0 = 0.0, 0, time.perf_counter()
+        return {"loss": f"{float(u.losses):.4f}", "top1": f"{top1:.2f}", "best": f"{best['best_top1']:.2f}"}
+
+    def save(self, done: int) -> None:
+        # after every epoch; SIGTERM saves mid-epoch too, with the epoch's loss sum
+        self.state.save(done, self.model, self.optimizer,
+                        {**self.best, **({"epoch_loss": self.epoch_loss} if done % self.updates else {})})
+
+    def should_save(self, done: int) -> bool:
+        return done % self.updates == 0 and done < self.total
+
+    def where(self, k: int) -> str:
+        return "epoch {} (0-based), update {} of {}".format(*divmod(k, self.updates), self.updates)
+
+    def stop_message(self, done: int) -> str:
+        e, at = divmod(done, self.updates)
+        where = f"update {at} of {self.updates} in epoch {e + 1}" if at else f"epoch {e}"
+        return f"{self.job.task} {self.job.model}: stopped by SIGTERM after {where}; state saved in {self.resume_dir}"
+
+
 def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``job`` to ``recipe['epochs']`` (resuming from ``job.resume_dir`` if a rolling
     checkpoint is there); returns the ``metrics.json`` record."""
@@ -216,33 +307,25 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     accum = accumulation_steps(r, info.world_size)
     if r.get("threads"):
         torch.set_num_threads(int(r["threads"]))
-
     splits = load_classification_splits(job.data)
-    num_classes = splits.num_classes
-
     # Same initial weights (the head; everything for scratch) on every rank and every resume.
     torch.manual_seed(stable_seed(job.seed, "ft-init", job.task, job.model))
-    model, init_info = build_finetune_encoder(
-        job.model, job.checkpoint, r["img_size"], r["window_size"], r["drop_path"],
-        trust_pickle=job.trust_pickle, num_classes=num_classes,
-    )
+    model, init_info = build_finetune_encoder(job.model, job.checkpoint, r["img_size"], r["window_size"],
+                                              r["drop_path"], trust_pickle=job.trust_pickle,
+                                              num_classes=splits.num_classes)
     if r["fused_attention"]:
-        from mimlib.models.attention import use_fused_attention
-
         use_fused_attention(model)
     model.to(info.device)
     optimizer = build_optimizer(model, {**r, "lr": 0.0}, info.device, "", job.model)
     state = ResumableState(job, info)
-    # Rolling state is counted in optimiser updates, so SIGTERM can stop a job mid-epoch.
-    start_step, extra = state.load(model, optimizer)
-
+    start, extra = state.load(model, optimizer)  # counted in updates: SIGTERM can stop mid-epoch
     train_set = ClassificationDataset(splits.train, build_train_transform(r), seed=job.seed)
     sampler = EpochBatchSampler(len(train_set), r["global_batch"], r["micro_batch"], info.rank, info.world_size, job.seed)
     pin = info.device.type == "cuda"
     loader = SigtermSafeDataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], pin_memory=pin,
                                    persistent_workers=False, prefetch_factor=4 if r["num_workers"] > 0 else None)
     updates = sampler.updates_per_epoch
-    start_epoch, start_update = divmod(start_step, updates)
+    start_epoch, start_update = divmod(start, updates)
     logger = job_logger(job, info, start_epoch, key="epoch")
     if info.is_main:
         log.info("%s/%s: epoch %d update %d -> %d epochs (%s init)", job.task, job.model, start_epoch, start_update,
@@ -251,93 +334,43 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     val_loader = SigtermSafeDataLoader(Subset(val_set, list(range(info.rank, len(val_set), info.world_size))),
                                        batch_size=r["micro_batch"], num_workers=min(r["num_workers"], 4), pin_memory=pin)
 
-    mixup_fn = None
-    if mixup_active(r):
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
-
-        mixup_fn = Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], prob=r["mixup_prob"],
-                         switch_prob=r["mixup_switch_prob"], mode="batch",
-                         label_smoothing=r["label_smoothing"], num_classes=num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=r["label_smoothing"])
-
-    lr_at = lr_schedule(r, updates)
-    best = {"best_top1": float(extra.get("best_top1", -1.0)), "best_top5": float(extra.get("best_top5", 0.0)),
-            "best_epoch": int(extra.get("best_epoch", 0)), "last_top1": extra.get("last_top1")}
-    # A mid-epoch resume continues the epoch's loss sum, so the log matches an uninterrupted run.
-    epoch = {"loss": float(extra.get("epoch_loss", 0.0)) if start_update else 0.0, "first": start_update,
-             "t0": time.perf_counter()}
-    work_best = Path(job.resume_dir) / "best.pt"
-    out_dir = Path(job.out_dir)
-
     def epoch_batches() -> Iterator[Any]:
         for e in range(start_epoch, r["epochs"]):
             sampler.set_epoch(e, start_update if e == start_epoch else 0)
             yield from loader
 
-    def forward(train_model: nn.Module, batch: Any, k: int, micro: int):
-        images, labels = batch
-        # Mixup (NumPy) and drop path (torch) draw from global generators: seed them per
-        # micro-step so the run does not depend on where it was resumed.
-        _seed_step(job.seed, "ft-step", *divmod(k, updates), micro, info.rank)
-        images = images.to(info.device, non_blocking=True)
-        labels = labels.to(info.device, non_blocking=True)
-        targets = labels
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, labels)
-        loss = criterion(train_model(images), targets)
-        return loss, loss.detach().double()
-
-    def after_update(u: Update) -> dict[str, str] | None:
-        epoch["loss"] += float(u.losses)
-        done, at = divmod(u.done, updates)
-        if at:  # mid-epoch
-            return {"loss": f"{float(u.losses):.4f}", "lr": f"{u.lr:.2e}"} if at % r["log_every"] == 0 else None
-        train_time = time.perf_counter() - epoch["t0"]
-        top1, top5, val_loss = evaluate(model, val_loader, r, info)
-        best["last_top1"] = top1
-        if top1 > best["best_top1"]:
-            best.update(best_top1=top1, best_top5=top5, best_epoch=done)
-            if info.is_main:
-                ckpt.save_atomic(_weights(model, job, r, done, top1, num_classes), work_best)
-        logger.log({"epoch": done, "train_loss": epoch["loss"] / updates, "lr": u.lr, "top1": top1, "top5": top5,
-                    "val_loss": val_loss,
-                    "images_per_s": (updates - epoch["first"]) * r["global_batch"] / max(train_time, 1e-9)})
-        epoch.update(loss=0.0, first=0, t0=time.perf_counter())
-        return {"loss": f"{float(u.losses):.4f}", "top1": f"{top1:.2f}", "best": f"{best['best_top1']:.2f}"}
-
-    def stop_message(done: int) -> str:
-        e, at = divmod(done, updates)
-        where = f"update {at} of {updates} in epoch {e + 1}" if at else f"epoch {e}"
-        return f"{job.task} {job.model}: stopped by SIGTERM after {where}; state saved in {job.resume_dir}"
-
-    train(TrainTask(
+    mixup_fn, criterion = _mixup_and_criterion(r, splits.num_classes)
+    best = {"best_top1": float(extra.get("best_top1", -1.0)), "best_top5": float(extra.get("best_top5", 0.0)),
+            "best_epoch": int(extra.get("best_epoch", 0)), "last_top1": extra.get("last_top1")}
+    task = ClassificationTraining(
         name=f"{job.task}/{job.model}", model=model, optimizer=optimizer, recipe=r, info=info,
-        batches=epoch_batches(), start=start_step, total=r["epochs"] * updates, accum=accum, lr=lr_at,
-        forward=forward, after_update=after_update, resume_dir=job.resume_dir,
-        # rolling state after every epoch; SIGTERM saves mid-epoch too, with the epoch's loss sum
-        save=lambda done: state.save(done, model, optimizer,
-                                     {**best, **({"epoch_loss": epoch["loss"]} if done % updates else {})}),
-        should_save=lambda done: done % updates == 0 and done < r["epochs"] * updates,
-        where=lambda k: "epoch {} (0-based), update {} of {}".format(*divmod(k, updates), updates),
-        stop_message=stop_message, progress=progress,
-        desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}",
-    ))
-    best_top1, best_top5, best_epoch, last_top1 = (best[k] for k in ("best_top1", "best_top5", "best_epoch", "last_top1"))
+        batches=epoch_batches(), start=start, total=r["epochs"] * updates, accum=accum, resume_dir=job.resume_dir,
+        progress=progress, desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}",
+        job=job, state=state, logger=logger, updates=updates, val_loader=val_loader, num_classes=splits.num_classes,
+        mixup_fn=mixup_fn, criterion=criterion, best=best, schedule=lr_schedule(r, updates),
+        epoch_loss=float(extra.get("epoch_loss", 0.0)) if start_update else 0.0, epoch_first=start_update,
+    )
+    train(task)
+    return _finish(job, info, task, started, init_info)
 
+
+def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, started: float,
+            init_info: dict[str, Any]) -> dict[str, Any]:
+    """Publish last.pt and the best epoch's best.pt, write metrics.json, drop the resume state."""
+    r, best, out_dir = task.recipe, task.best, Path(job.out_dir)
     if info.is_main:
-        ckpt.save_atomic(_weights(model, job, r, r["epochs"], float(last_top1), num_classes), out_dir / "last.pt")
-        if work_best.exists():
-            copy_atomic(work_best, out_dir / "best.pt")
+        ckpt.save_atomic(_weights(task.model, job, r, r["epochs"], float(best["last_top1"]), task.num_classes),
+                         out_dir / "last.pt")
+        if task.work_best.exists():
+            copy_atomic(task.work_best, out_dir / "best.pt")
         elif not (out_dir / "best.pt").exists():
-            raise RuntimeError(f"the best epoch's weights are neither in {work_best} nor in {out_dir / 'best.pt'}")
-    metrics = {"top1": best_top1, "top5": best_top5, "top1_last": float(last_top1), "best_epoch": best_epoch}
-    record = write_metrics(job, info, metrics, started, epochs=r["epochs"], num_classes=num_classes,
+            raise RuntimeError(f"the best epoch's weights are neither in {task.work_best} nor in {out_dir / 'best.pt'}")
+    metrics = {"top1": best["best_top1"], "top5": best["best_top5"], "top1_last": float(best["last_top1"]),
+               "best_epoch": best["best_epoch"]}
+    record = write_metrics(job, info, metrics, started, epochs=r["epochs"], num_classes=task.num_classes,
                            init=init_info.get("format"))
     if info.is_main:
-        work_best.unlink(missing_ok=True)
-        state.finish()
+        task.work_best.unlink(missing_ok=True)
+        task.state.finish()
     barrier(info)
     return record

@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -59,8 +60,10 @@ from mimlib.finetune.common import (
 )
 from mimlib.finetune.recipes import DETECTION
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
+from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, barrier, init_distributed
 from mimlib.train.loop import IntervalLog, TrainTask, Update, train
+from mimlib.train.metrics import JsonlLogger
 from mimlib.train.precision import autocast_context
 from mimlib.train.preemption import SigtermSafeDataLoader
 from mimlib.train.schedule import multistep_lr
@@ -333,6 +336,46 @@ def _to_device(images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]
     return images, targets
 
 
+@dataclass(kw_only=True)
+class DetectionTraining(TrainTask):
+    """Mask R-CNN training in the shared loop: torchvision's losses, a per-interval log."""
+
+    job: FinetuneJob
+    state: ResumableState
+    logger: JsonlLogger
+    epoch_iters: int
+    interval: IntervalLog
+
+    def lr(self, k: int) -> float:
+        return detection_lr(k, self.recipe, self.epoch_iters)
+
+    def begin_update(self, k: int) -> None:
+        # drop path and the RPN / RoI sampling draw from the global RNG: seed it per iteration and rank
+        torch.manual_seed(stable_seed(self.job.seed, "coco-step", k, self.info.rank))
+
+    def forward(self, train_model: torch.nn.Module, batch: Any, k: int, micro: int):
+        losses = train_model(*_to_device(*batch, self.info.device))
+        loss = sum(losses.values())
+        return loss, torch.stack([loss.detach().double(), *(losses[n].detach().double() for n in _LOSS_NAMES)])
+
+    def after_update(self, u: Update) -> dict[str, str] | None:
+        self.interval.add(**dict(zip(("loss",) + _LOSS_NAMES, u.losses.tolist())), grad_norm=u.grad_norm)
+        if u.done % self.recipe["log_every"] and u.done != self.total:
+            return None
+        record = {"iter": u.done, "epoch": u.done / self.epoch_iters, "lr": u.lr, **self.interval.means(),
+                  "images_per_s": self.interval.rate(self.recipe["global_batch"])}
+        self.logger.log(record)
+        self.interval.clear()
+        return {"loss": f"{record['loss']:.3f}", "lr": f"{u.lr:.2e}"}
+
+    def save(self, done: int) -> None:
+        self.state.save(done, self.model, self.optimizer, self.interval.state())
+
+    def should_save(self, done: int) -> bool:
+        # also at the end: a job that fails in evaluation resumes straight to it
+        return done % self.recipe["checkpoint_every"] == 0 or done == self.total
+
+
 def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     """Fine-tune Mask R-CNN on COCO (or its demo) and evaluate; returns the metrics record."""
     started = time.time()
@@ -348,13 +391,11 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
                             max_images=r["max_val_images"])
     if val_set.cat_ids != train_set.cat_ids:
         raise ValueError(f"train and val categories differ: {train_set.cat_ids} vs {val_set.cat_ids}")
-
     model, load_info = build_model(job, train_set.num_classes)
     model.to(info.device)
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)
     start, extra = state.load(model, optimizer)
-
     epoch_iters = len(train_set) // r["global_batch"]
     total = r["epochs"] * epoch_iters
     sampler = DetectionBatchSampler(len(train_set), start, max(total, start), r["global_batch"], r["micro_batch"],
@@ -366,37 +407,13 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     if info.is_main:
         log.info("coco %s: iterations %d -> %d (%d per epoch), encoder %s", job.model, start, total, epoch_iters,
                  load_info.get("format"))
-    interval = IntervalLog(extra)  # the open log interval travels in the resume state
-
-    def forward(train_model: torch.nn.Module, batch: Any, k: int, micro: int):
-        losses = train_model(*_to_device(*batch, info.device))
-        loss = sum(losses.values())
-        return loss, torch.stack([loss.detach().double(), *(losses[n].detach().double() for n in _LOSS_NAMES)])
-
-    def after_update(u: Update) -> dict[str, str] | None:
-        interval.add(**dict(zip(("loss",) + _LOSS_NAMES, u.losses.tolist())), grad_norm=u.grad_norm)
-        if u.done % r["log_every"] and u.done != total:
-            return None
-        record = {"iter": u.done, "epoch": u.done / epoch_iters, "lr": u.lr, **interval.means(),
-                  "images_per_s": interval.rate(r["global_batch"])}
-        logger.log(record)
-        interval.clear()
-        return {"loss": f"{record['loss']:.3f}", "lr": f"{u.lr:.2e}"}
-
-    batches = iter(loader)
-    train(TrainTask(
-        name=f"coco {job.model}", model=model, optimizer=optimizer, recipe=r, info=info, batches=batches,
-        start=start, total=total, accum=sampler.accum, lr=lambda k: detection_lr(k, r, epoch_iters),
-        # drop path and the RPN / RoI sampling draw from the global RNG: seed it per iteration and rank
-        begin_update=lambda k: torch.manual_seed(stable_seed(job.seed, "coco-step", k, info.rank)),
-        forward=forward, after_update=after_update, resume_dir=job.resume_dir,
-        save=lambda done: state.save(done, model, optimizer, interval.state()),
-        # also at the end: a job that fails in evaluation resumes straight to it
-        should_save=lambda done: done % r["checkpoint_every"] == 0 or done == total,
-        progress=progress,
+    train(DetectionTraining(
+        name=f"coco {job.model}", model=model, optimizer=optimizer, recipe=r, info=info, batches=iter(loader),
+        start=start, total=total, accum=sampler.accum, resume_dir=job.resume_dir, progress=progress, job=job,
+        state=state, logger=logger, epoch_iters=epoch_iters,
+        interval=IntervalLog(extra),  # the open log interval travels in the resume state
     ))
-    del batches, loader
-
+    del loader
     t_eval = time.perf_counter()
     results = _gather(predict(model, val_set, r, info, num_workers=min(r["num_workers"], 2)), info)
     metrics: dict[str, Any] | None = None
@@ -405,8 +422,6 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         metrics = coco_evaluate(data["val_json"], results, backend=r["eval_backend"],
                                 image_ids=val_set.ids if r["max_val_images"] is not None else None)
         if r["save_weights"]:
-            from mimlib.train import checkpoint as ckpt
-
             ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": job.task,
                               "label_to_cat": val_set.label_to_cat}, Path(job.out_dir) / "last.pt")
     metrics = _broadcast(metrics, info)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -53,8 +54,10 @@ from mimlib.finetune.common import (
 from mimlib.models.attention import use_fused_attention
 from mimlib.finetune.recipes import SEGMENTATION
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
+from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.loop import IntervalLog, TrainTask, Update, train
+from mimlib.train.metrics import JsonlLogger
 from mimlib.train.precision import autocast_context
 from mimlib.train.preemption import SigtermSafeDataLoader
 from mimlib.train.schedule import poly_lr
@@ -247,6 +250,58 @@ def build_model(job: FinetuneJob) -> tuple[SegmentationModel, dict[str, Any]]:
     return model, info
 
 
+@dataclass(kw_only=True)
+class SegmentationTraining(TrainTask):
+    """UPerNet training in the shared loop: pixel CE (+ aux), per-interval log, eval_every."""
+
+    job: FinetuneJob
+    state: ResumableState
+    logger: JsonlLogger
+    root: Path
+    interval: IntervalLog
+
+    def lr(self, k: int) -> float:
+        return lr_at(k, self.recipe)
+
+    def begin_update(self, k: int) -> None:
+        # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
+        torch.manual_seed(stable_seed(self.job.seed, "step", k, self.info.rank))
+
+    def forward(self, train_model: nn.Module, batch: dict[str, torch.Tensor], k: int, micro: int):
+        images = batch["image"].to(self.info.device, non_blocking=True)
+        labels = batch["label"].to(self.info.device, non_blocking=True)
+        out = train_model(images)
+        logits, aux = (out if isinstance(out, tuple) else (out, None))
+        main = seg_loss(logits, labels)
+        aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=self.info.device)
+        loss = main + float(self.recipe["aux_weight"] or 0.0) * aux_loss
+        return loss, torch.stack([main.detach().double(), aux_loss.detach().double()])
+
+    def after_update(self, u: Update) -> dict[str, str] | None:
+        r, postfix = self.recipe, None
+        self.interval.add(loss=u.losses[0], aux_loss=u.losses[1], grad_norm=u.grad_norm)
+        if u.done % r["log_every"] == 0 or u.done == r["iters"]:
+            means = self.interval.means()
+            self.logger.log({"iter": u.done, **means, "lr": u.lr, "images_per_s": self.interval.rate(r["global_batch"])})
+            postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
+            self.interval.clear()
+        if r.get("eval_every") and u.done % r["eval_every"] == 0 and u.done < r["iters"]:
+            self.evaluate(u.done)
+        return postfix
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        result = evaluate(self.model, self.root, self.recipe, self.info, num_workers=min(int(self.recipe["num_workers"]), 2))
+        self.logger.log({"iter": done, "val_miou": result["miou"], "val_acc": result["acc"]})
+        return result
+
+    def save(self, done: int) -> None:
+        self.state.save(done, self.model, self.optimizer, self.interval.state())
+
+    def should_save(self, done: int) -> bool:
+        every = self.recipe["checkpoint_every"]
+        return bool(every) and done % every == 0 and done < self.recipe["iters"]
+
+
 def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     """Fine-tune, evaluate, write ``out_dir/metrics.json`` (and the log); return the record."""
     started = time.time()
@@ -255,7 +310,6 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     info = init_distributed(job.device)
     if r.get("threads"):
         torch.set_num_threads(int(r["threads"]))
-    root = Path(job.data["root"])
     model, load_info = build_model(job)
     if info.distributed and r.get("sync_bn"):
         if info.device.type == "cuda":
@@ -266,68 +320,27 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)
     start, extra = state.load(model, optimizer)
-    logger = job_logger(job, info, start, key="iter")
     if info.is_main:
         log.info("%s %s: iterations %d -> %d (encoder: %s)", TASK, job.model, start, r["iters"], load_info["format"])
-
-    dataset = ADE20KTrain(root, r, job.seed, max_images=r.get("train_max_images"))
+    root = Path(job.data["root"])
     sampler = GlobalBatchSampler(start, r["iters"], r["global_batch"], r["micro_batch"], info.rank, info.world_size)
     loader = SigtermSafeDataLoader(
-        dataset, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate_train,
-        pin_memory=info.device.type == "cuda", prefetch_factor=4 if r["num_workers"] > 0 else None,
+        ADE20KTrain(root, r, job.seed, max_images=r.get("train_max_images")), batch_sampler=sampler,
+        num_workers=r["num_workers"], collate_fn=collate_train, pin_memory=info.device.type == "cuda",
+        prefetch_factor=4 if r["num_workers"] > 0 else None,
     )
-    aux_weight = float(r["aux_weight"] or 0.0)
-    eval_every = int(r.get("eval_every") or 0)
-    interval = IntervalLog(extra)  # the open log interval travels in the resume state
-
-    def run_eval(done: int) -> dict[str, Any]:
-        result = evaluate(model, root, r, info, num_workers=min(int(r["num_workers"]), 2))
-        logger.log({"iter": done, "val_miou": result["miou"], "val_acc": result["acc"]})
-        return result
-
-    def forward(train_model: nn.Module, batch: dict[str, torch.Tensor], k: int, micro: int):
-        images = batch["image"].to(info.device, non_blocking=True)
-        labels = batch["label"].to(info.device, non_blocking=True)
-        out = train_model(images)
-        logits, aux = (out if isinstance(out, tuple) else (out, None))
-        main = seg_loss(logits, labels)
-        aux_loss = seg_loss(aux, labels) if aux is not None else torch.zeros((), device=info.device)
-        return main + aux_weight * aux_loss, torch.stack([main.detach().double(), aux_loss.detach().double()])
-
-    def after_update(u: Update) -> dict[str, str] | None:
-        interval.add(loss=u.losses[0], aux_loss=u.losses[1], grad_norm=u.grad_norm)
-        postfix = None
-        if u.done % r["log_every"] == 0 or u.done == r["iters"]:
-            means = interval.means()
-            logger.log({"iter": u.done, **means, "lr": u.lr, "images_per_s": interval.rate(r["global_batch"])})
-            postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
-            interval.clear()
-        if eval_every and u.done % eval_every == 0 and u.done < r["iters"]:
-            run_eval(u.done)
-        return postfix
-
-    # Drop path and dropout draw from the global RNG: seed it per iteration and rank.
-    train(TrainTask(
-        name=f"{TASK} {job.model}", model=model, optimizer=optimizer, recipe=r, info=info,
-        batches=iter(loader), start=start, total=r["iters"], accum=sampler.accum, lr=lambda k: lr_at(k, r),
-        begin_update=lambda k: torch.manual_seed(stable_seed(job.seed, "step", k, info.rank)),
-        forward=forward, after_update=after_update, resume_dir=job.resume_dir,
-        save=lambda done: state.save(done, model, optimizer, interval.state()),
-        should_save=lambda done: bool(r["checkpoint_every"]) and done % r["checkpoint_every"] == 0 and done < r["iters"],
-        progress=progress,
-    ))
-    last_eval = run_eval(r["iters"])
-    metrics = {"miou": last_eval["miou"], "acc": last_eval["acc"]}
-    record = write_metrics(
-        job, info, metrics, started,
-        per_class_iou=_json_floats(last_eval["per_class_iou"]),
-        eval_images=last_eval["images"],
-        iterations=r["iters"],
-        encoder=load_info,
+    task = SegmentationTraining(
+        name=f"{TASK} {job.model}", model=model, optimizer=optimizer, recipe=r, info=info, batches=iter(loader),
+        start=start, total=r["iters"], accum=sampler.accum, resume_dir=job.resume_dir, progress=progress, job=job,
+        state=state, logger=job_logger(job, info, start, key="iter"), root=root,
+        interval=IntervalLog(extra),  # the open log interval travels in the resume state
     )
+    train(task)
+    last_eval = task.evaluate(r["iters"])
+    record = write_metrics(job, info, {"miou": last_eval["miou"], "acc": last_eval["acc"]}, started,
+                           per_class_iou=_json_floats(last_eval["per_class_iou"]), eval_images=last_eval["images"],
+                           iterations=r["iters"], encoder=load_info)
     if info.is_main and r.get("save_model"):
-        from mimlib.train import checkpoint as ckpt
-
         ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
                           "recipe": job.recipe}, Path(job.out_dir) / "last.pt")
     state.finish()

@@ -7,7 +7,7 @@ task's schedule, :mod:`mimlib.train.schedule`), gradient accumulation with DDP's
 on all but the last micro-batch, the recipe's autocast, gradient clipping, one all-reduce
 that carries the losses and "a rank got SIGTERM", the non-finite stop, the progress bar,
 preemption (save, then exit 143) and rolling saves. The task owns its model, data, loss,
-metric log and evaluation (the ``forward`` and ``after_update`` hooks).
+metric log and evaluation (a :class:`TrainTask` subclass: ``forward``, ``after_update``, ...).
 
 Counted in optimiser updates: ``k`` is the 0-based update being made, ``done = k + 1`` the
 number made. Every random draw of an update is seeded by the task from ``k`` (``begin_update``
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -57,35 +57,56 @@ class Update:
         return self.k + 1
 
 
-def _no_op(*_: Any) -> None:
-    return None
-
-
-@dataclass
+@dataclass(kw_only=True)
 class TrainTask:
-    """One task's side of the loop. ``forward(train_model, batch, k, micro)`` returns
-    ``(loss to back-propagate, float64 loss parts to log)``; it runs under the recipe's autocast."""
+    """One task's side of the loop: the fields every task has, and hooks to override.
+
+    A task subclasses it (a dataclass too, ``kw_only``) with its own state -- its metric log,
+    evaluation data, resume state -- and implements :meth:`lr`, :meth:`forward`, :meth:`save`
+    and :meth:`should_save`; the other hooks have defaults.
+    """
 
     name: str  # names the job in errors ("coco swinv2_b")
     model: nn.Module  # unwrapped: clipping, saving and evaluation use it
     optimizer: torch.optim.Optimizer
-    recipe: Mapping[str, Any]  # clip_grad, precision, compile
+    recipe: Mapping[str, Any]  # clip_grad, precision, compile and the task's own keys
     info: DistInfo
     batches: Iterator[Any]  # this rank's micro-batches from update ``start`` on
     start: int
     total: int
     accum: int  # micro-batches per update on each rank
-    lr: Callable[[int], float]  # before layer-decay scaling
-    forward: Callable[[nn.Module, Any, int, int], tuple[torch.Tensor, torch.Tensor]]
-    save: Callable[[int], None]  # write the rolling state after ``done`` updates (on the main rank)
-    should_save: Callable[[int], bool]  # rolling save after ``done`` updates?
     resume_dir: Path
-    after_update: Callable[[Update], Mapping[str, str] | None] = _no_op  # log, evaluate; bar postfix
-    begin_update: Callable[[int], None] = _no_op  # e.g. seed the global RNG for update k
-    where: Callable[[int], str] = "iteration {}".format  # update k in the non-finite error
-    stop_message: Callable[[int], str] | None = None  # after ``done`` updates; default below
     progress: bool = True
-    desc: str = ""
+    desc: str = ""  # the progress bar's label (default: name)
+
+    def lr(self, k: int) -> float:
+        """The lr of update ``k`` before layer-decay scaling (a :mod:`mimlib.train.schedule` function)."""
+        raise NotImplementedError
+
+    def begin_update(self, k: int) -> None:
+        """Before update ``k``'s micro-batches: e.g. seed the global RNG from ``k``."""
+
+    def forward(self, train_model: nn.Module, batch: Any, k: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, float64 loss parts to log) of one micro-batch, under autocast."""
+        raise NotImplementedError
+
+    def after_update(self, update: Update) -> Mapping[str, str] | None:
+        """After the optimiser step: the task's metric log and evaluation; the bar's postfix."""
+        return None
+
+    def save(self, done: int) -> None:
+        """Write the rolling state after ``done`` updates (the main rank writes)."""
+        raise NotImplementedError
+
+    def should_save(self, done: int) -> bool:
+        raise NotImplementedError
+
+    def where(self, k: int) -> str:
+        """Update ``k`` in the non-finite error."""
+        return f"iteration {k}"
+
+    def stop_message(self, done: int) -> str:
+        return f"{self.name}: stopped by SIGTERM after iteration {done} of {self.total}; state saved in {self.resume_dir}"
 
 
 def train(task: TrainTask) -> None:
@@ -128,10 +149,7 @@ def train(task: TrainTask) -> None:
                     bar.set_postfix(postfix)
                 bar.update(1)
             if stop_now and done < task.total:
-                message = (task.stop_message(done) if task.stop_message else
-                           f"{task.name}: stopped by SIGTERM after iteration {done} of {task.total}; "
-                           f"state saved in {task.resume_dir}")
-                stop_after_saving(lambda: task.save(done), message, info)
+                stop_after_saving(lambda: task.save(done), task.stop_message(done), info)
             if task.should_save(done):
                 task.save(done)
                 barrier(info)

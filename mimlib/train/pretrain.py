@@ -33,10 +33,10 @@ from mimlib.models.simmim import SimMIM, build_simmim
 from mimlib.provenance import recipe_hash
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mimlib.train.loop import IntervalLog, TrainTask, Update, train
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 from mimlib.train.optim import param_groups
 from mimlib.train.precision import autocast_context
-from mimlib.train.loop import IntervalLog, TrainTask, Update, train
 from mimlib.train.preemption import SigtermSafeDataLoader
 from mimlib.train.schedule import scaled_lr, step_lr
 
@@ -174,6 +174,87 @@ def _state(
     return state
 
 
+@dataclass(kw_only=True)
+class PretrainTraining(TrainTask):
+    """SimMIM pre-training in the shared loop: masked-pixel loss, per-interval log, validation
+    every ``val_every``, the corrupt-image limit, and the sums the job summary needs."""
+
+    job: PretrainJob
+    logger: JsonlLogger
+    val_loader: DataLoader | None
+    dataset_size: int
+    window_start: int  # the summary's train loss is the mean over updates after this one
+    tail_losses: list[float] = field(default_factory=list)
+    failed_files: set[str] = field(default_factory=set)
+    interval: IntervalLog = field(default_factory=IntervalLog)
+    last_val: float | None = None
+    trivial_val: float | None = None
+
+    def lr(self, k: int) -> float:
+        r = self.recipe
+        return step_lr(k, scaled_lr(r["base_lr"], r["global_batch"]), r["warmup_iters"],
+                       scaled_lr(r["warmup_lr"], r["global_batch"]), self.job.decay_at, r["decay_ratio"])
+
+    def begin_update(self, k: int) -> None:
+        # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
+        # run or a trunk/branch split draws the same paths as an uninterrupted one.
+        torch.manual_seed(stable_seed(self.job.seed, "step", k, self.info.rank))
+
+    def forward(self, train_model: torch.nn.Module, batch: dict[str, Any], k: int, micro: int):
+        self.failed_files.update(batch["failed"])
+        loss = train_model(batch["image"].to(self.info.device, non_blocking=True),
+                           batch["mask"].to(self.info.device, non_blocking=True))
+        return loss, loss.detach().double()
+
+    def after_update(self, u: Update) -> dict[str, str] | None:
+        r, postfix = self.recipe, None
+        self.interval.add(loss=u.losses, grad_norm=u.grad_norm)
+        if u.done > self.window_start:
+            self.tail_losses.append(float(u.losses))
+        self.check_corrupt()
+        if u.done % r["log_every"] == 0 or u.done == self.total:
+            means = self.interval.means()
+            self.logger.log({"iter": u.done, "loss": means["loss"], "lr": u.lr, "grad_norm": means["grad_norm"],
+                             "images_per_s": self.interval.rate(r["global_batch"]),
+                             "corrupt_images": len(self.failed_files)})
+            postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
+            self.interval.clear()
+        if u.done % r["val_every"] == 0 or u.done == self.total:
+            self.evaluate(u.done)
+        return postfix
+
+    def check_corrupt(self) -> None:
+        if not self.failed_files:
+            return
+        n_failed = int(all_reduce_sum(torch.tensor(len(self.failed_files), device=self.info.device), self.info))
+        if n_failed > self.recipe["max_corrupt_fraction"] * self.dataset_size:
+            raise TooManyCorruptImagesError(
+                f"{n_failed} of {self.dataset_size} images in {self.job.manifest} could not be decoded "
+                f"(limit max_corrupt_fraction={self.recipe['max_corrupt_fraction']}): "
+                + ", ".join(sorted(self.failed_files)[:20])
+            )
+
+    def evaluate(self, iteration: int) -> None:
+        if self.val_loader is None:
+            return
+        self.last_val, self.trivial_val = validation_loss(self.model, self.val_loader, self.recipe, self.info)
+        self.logger.log({"iter": iteration, "val_loss": self.last_val, "val_trivial_loss": self.trivial_val})
+
+    def save(self, done: int) -> None:
+        # What a resumed job needs besides weights: the summary's and the open log interval's sums.
+        if self.info.is_main:
+            progress_state = {"tail_losses": self.tail_losses, "failed_files": sorted(self.failed_files),
+                              **self.interval.state()}
+            ckpt.save_rolling(_state(self.model, self.optimizer, done, self.job, **progress_state),
+                              self.job.resume_dir, done)
+
+    def should_save(self, done: int) -> bool:
+        return done % self.recipe["checkpoint_every"] == 0 and done < self.total
+
+    def stop_message(self, done: int) -> str:
+        return f"stopped by SIGTERM after iteration {done}; state saved in {self.resume_dir}"
+
+
 def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     """Run one job to ``job.end_iter``; returns the job summary (also written to metrics_out)."""
     info = init_distributed(job.device)
@@ -193,114 +274,57 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     logger.truncate_after(start)
     if info.is_main:
         log.info("%s: iterations %d -> %d from %s", job.out, start, job.end_iter, source)
-
     manifest, root, _ = read_manifest(job.manifest)
     dataset = PretrainDataset(manifest, root, r, job.seed)
     sampler = GlobalBatchSampler(start, job.end_iter, r["global_batch"], r["micro_batch"], info.rank, info.world_size)
-    loader = SigtermSafeDataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=r["num_workers"],
-        collate_fn=collate,
-        pin_memory=info.device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if r["num_workers"] > 0 else None,
-    )
-    val_loader = _validation_loader(job, info)
-
-    max_corrupt = r["max_corrupt_fraction"] * len(dataset)
-    window_start = job.end_iter - max(1, round(r["train_loss_window"] * (job.cell.get("length") or job.end_iter)))
+    loader = SigtermSafeDataLoader(dataset, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate,
+                                   pin_memory=info.device.type == "cuda", persistent_workers=False,
+                                   prefetch_factor=4 if r["num_workers"] > 0 else None)
     resumed = state if state is not None and source != str(job.init) else {}  # mid-job: restore the sums
-    tail_losses: list[float] = list(resumed.get("tail_losses", []))
-    failed_files: set[str] = set(resumed.get("failed_files", []))
-    interval = IntervalLog(resumed)
+    task = PretrainTraining(
+        name=job.model, model=model, optimizer=optimizer, recipe=r, info=info, batches=iter(loader), start=start,
+        total=job.end_iter, accum=sampler.accum, resume_dir=job.resume_dir, progress=progress,
+        desc=f"{job.model} -> {job.end_iter}", job=job, logger=logger, val_loader=_validation_loader(job, info),
+        dataset_size=len(dataset),
+        window_start=job.end_iter - max(1, round(r["train_loss_window"] * (job.cell.get("length") or job.end_iter))),
+        tail_losses=list(resumed.get("tail_losses", [])), failed_files=set(resumed.get("failed_files", [])),
+        interval=IntervalLog(resumed),
+    )
     t_job = time.perf_counter()
-    last_val: float | None = None
-    trivial_val: float | None = None
+    train(task)
+    if start == job.end_iter:
+        task.evaluate(job.end_iter)
+    return _finish(job, task, source, time.perf_counter() - t_job)
 
-    def evaluate(iteration: int) -> None:
-        nonlocal last_val, trivial_val
-        if val_loader is None:
-            return
-        last_val, trivial_val = validation_loss(model, val_loader, r, info)
-        logger.log({"iter": iteration, "val_loss": last_val, "val_trivial_loss": trivial_val})
 
-    def forward(train_model: torch.nn.Module, batch: dict[str, Any], k: int, micro: int):
-        failed_files.update(batch["failed"])
-        loss = train_model(batch["image"].to(info.device, non_blocking=True),
-                           batch["mask"].to(info.device, non_blocking=True))
-        return loss, loss.detach().double()
-
-    def after_update(u: Update) -> dict[str, str] | None:
-        interval.add(loss=u.losses, grad_norm=u.grad_norm)
-        if u.done > window_start:
-            tail_losses.append(float(u.losses))
-        if len(failed_files) > 0:
-            n_failed = int(all_reduce_sum(torch.tensor(len(failed_files), device=info.device), info))
-            if n_failed > max_corrupt:
-                names = ", ".join(sorted(failed_files)[:20])
-                raise TooManyCorruptImagesError(
-                    f"{n_failed} of {len(dataset)} images in {job.manifest} could not be decoded "
-                    f"(limit max_corrupt_fraction={r['max_corrupt_fraction']}): {names}"
-                )
-        postfix = None
-        if u.done % r["log_every"] == 0 or u.done == job.end_iter:
-            means = interval.means()
-            logger.log({"iter": u.done, "loss": means["loss"], "lr": u.lr, "grad_norm": means["grad_norm"],
-                        "images_per_s": interval.rate(r["global_batch"]), "corrupt_images": len(failed_files)})
-            postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
-            interval.clear()
-        if u.done % r["val_every"] == 0 or u.done == job.end_iter:
-            evaluate(u.done)
-        return postfix
-
-    def save(done: int) -> None:
-        # What a resumed job needs besides weights: the summary's and the open log interval's sums.
-        if info.is_main:
-            progress_state = {"tail_losses": tail_losses, "failed_files": sorted(failed_files), **interval.state()}
-            ckpt.save_rolling(_state(model, optimizer, done, job, **progress_state), job.resume_dir, done)
-
-    base_lr = scaled_lr(r["base_lr"], r["global_batch"])
-    warmup_lr = scaled_lr(r["warmup_lr"], r["global_batch"])
-    train(TrainTask(
-        name=job.model, model=model, optimizer=optimizer, recipe=r, info=info, batches=iter(loader),
-        start=start, total=job.end_iter, accum=sampler.accum,
-        lr=lambda k: step_lr(k, base_lr, r["warmup_iters"], warmup_lr, job.decay_at, r["decay_ratio"]),
-        # Drop path draws from the global RNG: seed it per iteration (and rank) so a resumed
-        # run or a trunk/branch split draws the same paths as an uninterrupted one.
-        begin_update=lambda k: torch.manual_seed(stable_seed(job.seed, "step", k, info.rank)),
-        forward=forward, after_update=after_update, save=save, resume_dir=job.resume_dir,
-        should_save=lambda done: done % r["checkpoint_every"] == 0 and done < job.end_iter,
-        stop_message=lambda done: f"stopped by SIGTERM after iteration {done}; state saved in {job.resume_dir}",
-        progress=progress, desc=f"{job.model} -> {job.end_iter}",
-    ))
-    if start == job.end_iter and val_loader is not None:
-        evaluate(job.end_iter)
-
+def _finish(job: PretrainJob, task: PretrainTraining, source: str, wall_time_s: float) -> dict[str, Any]:
+    """Write the declared outputs (checkpoint, summary, log), drop the resume state."""
+    info = task.info
+    tail = task.tail_losses
     summary = {
         **job.cell,
         "model": job.model,
         "iterations": job.end_iter,
-        "train_loss": sum(tail_losses) / len(tail_losses) if tail_losses else None,
-        "train_loss_window": [window_start, job.end_iter],
-        "val_loss": last_val,
-        "val_trivial_loss": trivial_val,
-        "corrupt_images": len(failed_files),
-        "wall_time_s": time.perf_counter() - t_job,
+        "train_loss": sum(tail) / len(tail) if tail else None,
+        "train_loss_window": [task.window_start, job.end_iter],
+        "val_loss": task.last_val,
+        "val_trivial_loss": task.trivial_val,
+        "corrupt_images": len(task.failed_files),
+        "wall_time_s": wall_time_s,
         "world_size": info.world_size,
-        "recipe_hash": recipe_hash(r),
+        "recipe_hash": recipe_hash(job.recipe),
         "resumed_from": source,
     }
     if info.is_main:
-        ckpt.save_atomic(_state(model, optimizer if job.save_optimizer else None, job.end_iter, job), job.out)
+        ckpt.save_atomic(_state(task.model, task.optimizer if job.save_optimizer else None, job.end_iter, job), job.out)
         if job.metrics_out is not None:
             write_json_atomic(summary, job.metrics_out)
         if job.log_out is not None:
-            copy_atomic(logger.path, job.log_out)
+            copy_atomic(task.logger.path, job.log_out)
         # The job is complete: its rolling checkpoints and work log are no longer needed.
         for _, p in ckpt.rolling_checkpoints(job.resume_dir):
             p.unlink(missing_ok=True)
-        logger.path.unlink(missing_ok=True)
+        task.logger.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             Path(job.resume_dir).rmdir()
     barrier(info)

@@ -136,8 +136,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
         trust_pickle=args.trust_pickle,
     )
-    task = engine(args.task)
-    task.check_recipe(job.recipe)
+    task = engine(args.task)  # its run() checks the recipe first
     from mimlib.train.preemption import Preempted
 
     try:

@@ -143,7 +143,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
 
 
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
-    from mimlib.finetune import DEMO_TASKS, TASKS, default_recipe
+    from mimlib.finetune import DEMO_TASKS, TASKS, check_recipe, default_recipe
 
     problems: list[str] = []
     ft = cfg["finetune"]
@@ -173,9 +173,15 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
         known = set(default_recipe(task))
         overrides = [("recipe", ft[task].get("recipe", {}))]
         overrides += [(f"per_model.{m}", o) for m, o in ft[task].get("per_model", {}).items()]
-        for where, values in overrides:
-            for k in sorted(set(values) - known):
-                problems.append(f"{key}.{where}.{k}: unknown key for task {task}")
+        unknown = [f"{key}.{where}.{k}: unknown key for task {task}"
+                   for where, values in overrides for k in sorted(set(values) - known)]
+        problems += unknown
+        if not unknown:  # every model's recipe is checked here, before any job starts
+            for model in cfg["models"]:
+                try:
+                    check_recipe(task, finetune_recipe(cfg, task, model))
+                except ValueError as exc:
+                    problems.append(f"{key}.recipe (model {model}): {exc}")
     return problems
 
 

@@ -100,3 +100,15 @@ def test_an_unknown_task_is_refused_by_name() -> None:
     cfg["finetune"]["tasks"] = ["in1k", "imagenet21k"]
     with pytest.raises(ConfigError, match="imagenet21k"):
         validate_config(cfg, check_paths=False)
+
+
+def test_a_task_recipe_that_cannot_work_is_refused_before_any_job() -> None:
+    """The engines' checks run in config validation, for every model's recipe (per-model overrides too)."""
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["finetune"]["ade20k"]["per_model"] = {"swinv2_pico": {"window_size": 12}}
+    with pytest.raises(ConfigError, match=r"finetune.ade20k.recipe \(model swinv2_pico\): window_size 12 does not tile"):
+        validate_config(cfg, check_paths=False)
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["finetune"]["in1k"]["recipe"]["warmup_epochs"] = 5  # more than its 1 epoch
+    with pytest.raises(ConfigError, match=r"finetune.in1k.recipe \(model swinv2_pico\): need epochs >= 1"):
+        validate_config(cfg, check_paths=False)

@@ -91,7 +91,7 @@ def test_layer_decay_follows_the_reference_ids_for_swinv2_s() -> None:
     from mimlib.models.swinv2 import build_encoder
 
     model = build_encoder("swinv2_s", img_size=224, window_size=14, num_classes=1000, device="meta")
-    opt = build_optimizer(model, {"weight_decay": 0.05, "layer_decay": 0.8, "lr": 1.0}, torch.device("meta"),
+    opt = build_optimizer(model, {**cls.DEFAULT_RECIPE, "weight_decay": 0.05, "layer_decay": 0.8, "lr": 1.0}, torch.device("meta"),
                           "", "swinv2_s")
     scale = {n: g["lr_scale"] for g in opt.param_groups for n in g["names"]}
     decay = {n: g["weight_decay"] for g in opt.param_groups for n in g["names"]}

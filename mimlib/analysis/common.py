@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mimlib import paths
-from mimlib.config import finetune_cells, pretrain_cells
+from mimlib.config import finetune_cells, load_schema, pretrain_cells
 from mimlib.finetune import TASK_SCORES, main_metrics  # noqa: F401 (TASK_SCORES: the analyses' score list)
 
 # ------------------------------------------------------------------ output paths (results/...)
@@ -36,12 +36,10 @@ FINDINGS = "analysis/findings.{ext}"  # json, md, html
 SEED_SPREAD = "analysis/seed_spread.csv"
 
 # ------------------------------------------------------------------ settings (config `analysis`)
-#: Defaults of the config's ``analysis`` section (read with ``analysis_settings``).
+#: Defaults of the config's ``analysis`` section (read with ``analysis_settings``): the
+#: schema's, their one home (``overfit_tolerance``, ``reconstruction_images``).
 ANALYSIS_DEFAULTS: dict[str, Any] = {
-    # relative rise of the final validation loss allowed before a cell counts as overfitting
-    "overfit_tolerance": 0.01,
-    # images per group (train / val) in the reconstruction figure (Figure 5)
-    "reconstruction_images": 4,
+    key: spec["default"] for key, spec in load_schema()["properties"]["analysis"]["properties"].items()
 }
 
 

@@ -229,10 +229,10 @@ def train_sample(image: np.ndarray | torch.Tensor, label: np.ndarray | torch.Ten
     long_side, short_side = recipe["scale"]
     nw, nh = rescale_size(w, h, (long_side * ratio, short_side * ratio))
     img, lab = _resize_image(img, (nh, nw)), _resize_label(lab, (nh, nw))
-    img, lab = random_crop(img, lab, crop, float(recipe.get("cat_max_ratio", 1.0)), rng)
+    img, lab = random_crop(img, lab, crop, float(recipe["cat_max_ratio"]), rng)
     if rng.random() < recipe["hflip"]:
         img, lab = img.flip(-1), lab.flip(-1)
-    if recipe.get("photometric", True):
+    if recipe["photometric"]:
         img = photometric_distortion(img, rng)
     img = normalize(img)
     ph, pw = crop - img.shape[1], crop - img.shape[2]

@@ -69,6 +69,13 @@ def default_recipe(name: str) -> dict:
     return dict(getattr(recipes, task(name).recipe))
 
 
+def check_recipe(name: str, recipe: dict) -> dict:
+    """The task's recipe completed over its defaults and checked (ValueError names the key)."""
+    from mimlib.finetune import recipes
+
+    return recipes.CHECKS[task(name).recipe](recipe)
+
+
 def engine(name: str) -> ModuleType:
     return importlib.import_module(task(name).engine)
 

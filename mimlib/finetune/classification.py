@@ -58,7 +58,8 @@ from mimlib.finetune.common import (
     job_logger,
     write_metrics,
 )
-from mimlib.finetune.recipes import CLASSIFICATION
+from mimlib.finetune.recipes import CLASSIFICATION, mixup_active
+from mimlib.finetune.recipes import check_classification as check_recipe
 from mimlib.models.attention import use_fused_attention
 from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train import checkpoint as ckpt
@@ -89,28 +90,6 @@ __all__ = [
 #: H/g 0.65 and 50/10 epochs on IN-1K) comes from the config.
 DEFAULT_RECIPE: dict[str, Any] = CLASSIFICATION
 KNOWN_KEYS: set[str] = set(DEFAULT_RECIPE)
-
-
-def check_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    """Reject unknown keys (typos); return the recipe completed with the defaults."""
-    unknown = sorted(set(recipe) - KNOWN_KEYS)
-    if unknown:
-        raise ValueError(f"unknown classification recipe key(s) {unknown}; known: {sorted(KNOWN_KEYS)}")
-    r = {**DEFAULT_RECIPE, **recipe}
-    if r["epochs"] < 1 or not 0 <= r["warmup_epochs"] <= r["epochs"]:
-        raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {r['epochs']}, {r['warmup_epochs']}")
-    if r["global_batch"] < 1 or r["micro_batch"] < 1:
-        raise ValueError(f"global_batch {r['global_batch']} and micro_batch {r['micro_batch']} must be >= 1")
-    if mixup_active(r) and r["micro_batch"] % 2:
-        raise ValueError(
-            f"Mixup/CutMix (mixup={r['mixup']}, cutmix={r['cutmix']}) needs an even micro_batch, got "
-            f"{r['micro_batch']}; make micro_batch even or set mixup and cutmix to 0"
-        )
-    return r
-
-
-def mixup_active(r: dict[str, Any]) -> bool:
-    return (r["mixup"] > 0 or r["cutmix"] > 0) and r["mixup_prob"] > 0
 
 
 def accumulation_steps(r: dict[str, Any], world_size: int) -> int:
@@ -305,7 +284,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     r = check_recipe(job.recipe)
     info = init_distributed(job.device)
     accum = accumulation_steps(r, info.world_size)
-    if r.get("threads"):
+    if r["threads"]:
         torch.set_num_threads(int(r["threads"]))
     splits = load_classification_splits(job.data)
     # Same initial weights (the head; everything for scratch) on every rank and every resume.

@@ -48,8 +48,8 @@ def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.devi
         model, get_spec(model_name).depths, recipe["weight_decay"], recipe["layer_decay"], encoder_prefix
     )
     return torch.optim.AdamW(
-        groups, lr=recipe["lr"], betas=tuple(recipe.get("betas", (0.9, 0.999))),
-        eps=recipe.get("eps", 1e-8), fused=device.type == "cuda",
+        groups, lr=recipe["lr"], betas=tuple(recipe["betas"]),
+        eps=recipe["eps"], fused=device.type == "cuda",
     )
 
 

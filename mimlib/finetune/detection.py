@@ -59,6 +59,7 @@ from mimlib.finetune.common import (
     write_metrics,
 )
 from mimlib.finetune.recipes import DETECTION
+from mimlib.finetune.recipes import check_detection as check_recipe
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, barrier, init_distributed
@@ -86,35 +87,6 @@ __all__ = [
 DEFAULT_RECIPE: dict[str, Any] = DETECTION
 
 METRIC_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")
-
-
-def check_recipe(recipe: Mapping[str, Any]) -> None:
-    """Raise ValueError on unknown keys or inconsistent values."""
-    unknown = sorted(set(recipe) - set(DEFAULT_RECIPE))
-    if unknown:
-        raise ValueError(f"unknown coco recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(DEFAULT_RECIPE))})")
-    r = {**DEFAULT_RECIPE, **recipe}
-    problems = []
-    if r["global_batch"] % r["micro_batch"]:
-        problems.append(f"global_batch {r['global_batch']} is not divisible by micro_batch {r['micro_batch']}")
-    if len(r["test_size"]) != 2 or r["test_size"][0] > r["test_size"][1]:
-        problems.append(f"test_size {r['test_size']} must be [short side, long-side cap]")
-    lo, hi = r["scale_jitter"]
-    if not 0 < lo <= hi:
-        problems.append(f"scale_jitter {r['scale_jitter']} must be 0 < low <= high")
-    if list(r["step_epochs"]) != sorted(r["step_epochs"]) or any(not 0 < e <= r["epochs"] for e in r["step_epochs"]):
-        problems.append(f"step_epochs {r['step_epochs']} must be increasing, within 1..epochs={r['epochs']}")
-    if r["img_size"] % 32:
-        problems.append(f"img_size {r['img_size']} is not a multiple of the stride 32")
-    # One size per FPN level: stages + 1 (P2-P6 for 4 stages); the model build checks the count.
-    if len(r["anchor_sizes"]) < 2 or any(not isinstance(a, int) or a <= 0 for a in r["anchor_sizes"]):
-        problems.append(f"anchor_sizes {r['anchor_sizes']} needs a positive size per FPN level (5 for P2-P6)")
-    if r["eval_backend"] not in ("pycocotools", "faster_coco_eval"):
-        problems.append(f"eval_backend {r['eval_backend']!r} is not pycocotools or faster_coco_eval")
-    if r["checkpoint_every"] % r["log_every"]:
-        problems.append(f"checkpoint_every {r['checkpoint_every']} is not a multiple of log_every {r['log_every']}")
-    if problems:
-        raise ValueError("invalid coco recipe: " + "; ".join(problems))
 
 
 def detection_lr(iteration: int, recipe: Mapping[str, Any], epoch_iters: int) -> float:
@@ -379,8 +351,7 @@ class DetectionTraining(TrainTask):
 def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     """Fine-tune Mask R-CNN on COCO (or its demo) and evaluate; returns the metrics record."""
     started = time.time()
-    check_recipe(job.recipe)
-    r = {**DEFAULT_RECIPE, **job.recipe}
+    r = check_recipe(job.recipe)
     info = init_distributed(job.device)
     if r["threads"]:
         torch.set_num_threads(int(r["threads"]))

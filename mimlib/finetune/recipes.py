@@ -1,13 +1,17 @@
 """Default recipes of the fine-tuning engines (paper Tables 11-14), in one torch-free place.
 
 The study config overrides them per task (``finetune.<task>.recipe``) and per model
-(``finetune.<task>.per_model``); config validation checks keys against these dicts without
-importing the engines.
+(``finetune.<task>.per_model``); config validation checks every task's recipe, for every model, with the checks below before any
+job starts, without importing the engines (which check again when run on their own).
+
+One contract for every check: reject unknown keys, complete the recipe over the task's
+defaults, check the values that cannot work, and return the completed recipe; a ValueError
+names the key and the value.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 # Table 11 (ImageNet-1K; iNaturalist-18 = Table 12 changes base_lr and weight_decay in the config)
 CLASSIFICATION: dict[str, Any] = {
@@ -149,4 +153,94 @@ SEGMENTATION: dict[str, Any] = {
     "train_max_images": None,  # first N training images (sorted); None = all 20210
     "save_model": False,  # also write out_dir/last.pt (model weights) at the end
     "threads": None,  # torch.set_num_threads; None leaves torch's default
+}
+
+
+# ------------------------------------------------------------------ checks
+def mixup_active(r: Mapping[str, Any]) -> bool:
+    return (r["mixup"] > 0 or r["cutmix"] > 0) and r["mixup_prob"] > 0
+
+
+def check_classification(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """IN-1K / iNat-18 (Tables 11-12)."""
+    unknown = sorted(set(recipe) - set(CLASSIFICATION))
+    if unknown:
+        raise ValueError(f"unknown classification recipe key(s) {unknown}; known: {sorted(CLASSIFICATION)}")
+    r = {**CLASSIFICATION, **recipe}
+    if r["epochs"] < 1 or not 0 <= r["warmup_epochs"] <= r["epochs"]:
+        raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {r['epochs']}, {r['warmup_epochs']}")
+    if r["global_batch"] < 1 or r["micro_batch"] < 1:
+        raise ValueError(f"global_batch {r['global_batch']} and micro_batch {r['micro_batch']} must be >= 1")
+    if mixup_active(r) and r["micro_batch"] % 2:
+        raise ValueError(
+            f"Mixup/CutMix (mixup={r['mixup']}, cutmix={r['cutmix']}) needs an even micro_batch, got "
+            f"{r['micro_batch']}; make micro_batch even or set mixup and cutmix to 0"
+        )
+    return r
+
+
+def check_detection(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """COCO Mask R-CNN (Table 13)."""
+    unknown = sorted(set(recipe) - set(DETECTION))
+    if unknown:
+        raise ValueError(f"unknown coco recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(DETECTION))})")
+    r = {**DETECTION, **recipe}
+    problems = []
+    if r["global_batch"] % r["micro_batch"]:
+        problems.append(f"global_batch {r['global_batch']} is not divisible by micro_batch {r['micro_batch']}")
+    if len(r["test_size"]) != 2 or r["test_size"][0] > r["test_size"][1]:
+        problems.append(f"test_size {r['test_size']} must be [short side, long-side cap]")
+    lo, hi = r["scale_jitter"]
+    if not 0 < lo <= hi:
+        problems.append(f"scale_jitter {r['scale_jitter']} must be 0 < low <= high")
+    if list(r["step_epochs"]) != sorted(r["step_epochs"]) or any(not 0 < e <= r["epochs"] for e in r["step_epochs"]):
+        problems.append(f"step_epochs {r['step_epochs']} must be increasing, within 1..epochs={r['epochs']}")
+    if r["img_size"] % 32:
+        problems.append(f"img_size {r['img_size']} is not a multiple of the stride 32")
+    # One size per FPN level: stages + 1 (P2-P6 for 4 stages); the model build checks the count.
+    if len(r["anchor_sizes"]) < 2 or any(not isinstance(a, int) or a <= 0 for a in r["anchor_sizes"]):
+        problems.append(f"anchor_sizes {r['anchor_sizes']} needs a positive size per FPN level (5 for P2-P6)")
+    if r["eval_backend"] not in ("pycocotools", "faster_coco_eval"):
+        problems.append(f"eval_backend {r['eval_backend']!r} is not pycocotools or faster_coco_eval")
+    if r["checkpoint_every"] % r["log_every"]:
+        problems.append(f"checkpoint_every {r['checkpoint_every']} is not a multiple of log_every {r['log_every']}")
+    if problems:
+        raise ValueError("invalid coco recipe: " + "; ".join(problems))
+    return r
+
+
+def check_segmentation(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """ADE20K UPerNet (Table 14)."""
+    unknown = sorted(set(recipe) - set(SEGMENTATION))
+    if unknown:
+        raise ValueError(f"unknown ade20k recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(SEGMENTATION))})")
+    r = {**SEGMENTATION, **recipe}
+    crop, window = int(r["crop_size"]), int(r["window_size"])
+    if crop % 32:
+        raise ValueError(f"crop_size {crop} is not a multiple of 32 (patch 4, four stages)")
+    for i in range(4):
+        res = crop // 4 // 2**i
+        if res % min(window, res):
+            raise ValueError(f"window_size {window} does not tile stage {i} ({res}x{res} tokens) of a {crop} crop")
+    if int(r["slide_crop"]) != crop:
+        raise ValueError(f"slide_crop {r['slide_crop']} must equal crop_size {crop} (the model's fixed input size)")
+    if not 0 < int(r["slide_stride"]) <= crop:
+        raise ValueError(f"slide_stride {r['slide_stride']} must be in (0, crop_size]")
+    if r["global_batch"] % r["micro_batch"]:
+        raise ValueError(f"global_batch {r['global_batch']} is not a multiple of micro_batch {r['micro_batch']}")
+    lo, hi = r["ratio_range"]
+    if not 0 < lo <= hi:
+        raise ValueError(f"ratio_range {r['ratio_range']} must satisfy 0 < low <= high")
+    if not 1 <= int(r["num_classes"]) <= 255:
+        raise ValueError(f"num_classes {r['num_classes']} must be in [1, 255] (255 is the ignore label)")
+    if r["iters"] < 1 or r["warmup_iters"] < 0:
+        raise ValueError("iters must be >= 1 and warmup_iters >= 0")
+    if r["aux_weight"] and not r["aux_channels"]:
+        raise ValueError("aux_weight > 0 needs aux_channels")
+    return r
+
+
+#: default recipe name (mimlib.finetune.TASKS[...].recipe) -> its check
+CHECKS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "CLASSIFICATION": check_classification, "DETECTION": check_detection, "SEGMENTATION": check_segmentation,
 }

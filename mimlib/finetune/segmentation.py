@@ -53,6 +53,7 @@ from mimlib.finetune.common import (
 )
 from mimlib.models.attention import use_fused_attention
 from mimlib.finetune.recipes import SEGMENTATION
+from mimlib.finetune.recipes import check_segmentation as check_recipe
 from mimlib.models.upernet import ENCODER_PREFIX, SegmentationModel, build_upernet, resize
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -82,36 +83,6 @@ __all__ = [
 TASK = "ade20k"
 
 DEFAULT_RECIPE: dict[str, Any] = SEGMENTATION
-
-
-def check_recipe(recipe: dict[str, Any]) -> None:
-    """Raise ValueError on unknown keys and on settings that cannot work."""
-    unknown = sorted(set(recipe) - set(DEFAULT_RECIPE))
-    if unknown:
-        raise ValueError(f"unknown ade20k recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(DEFAULT_RECIPE))})")
-    r = {**DEFAULT_RECIPE, **recipe}
-    crop, window = int(r["crop_size"]), int(r["window_size"])
-    if crop % 32:
-        raise ValueError(f"crop_size {crop} is not a multiple of 32 (patch 4, four stages)")
-    for i in range(4):
-        res = crop // 4 // 2**i
-        if res % min(window, res):
-            raise ValueError(f"window_size {window} does not tile stage {i} ({res}x{res} tokens) of a {crop} crop")
-    if int(r["slide_crop"]) != crop:
-        raise ValueError(f"slide_crop {r['slide_crop']} must equal crop_size {crop} (the model's fixed input size)")
-    if not 0 < int(r["slide_stride"]) <= crop:
-        raise ValueError(f"slide_stride {r['slide_stride']} must be in (0, crop_size]")
-    if r["global_batch"] % r["micro_batch"]:
-        raise ValueError(f"global_batch {r['global_batch']} is not a multiple of micro_batch {r['micro_batch']}")
-    lo, hi = r["ratio_range"]
-    if not 0 < lo <= hi:
-        raise ValueError(f"ratio_range {r['ratio_range']} must satisfy 0 < low <= high")
-    if not 1 <= int(r["num_classes"]) <= 255:
-        raise ValueError(f"num_classes {r['num_classes']} must be in [1, 255] (255 is the ignore label)")
-    if r["iters"] < 1 or r["warmup_iters"] < 0:
-        raise ValueError("iters must be >= 1 and warmup_iters >= 0")
-    if r["aux_weight"] and not r["aux_channels"]:
-        raise ValueError("aux_weight > 0 needs aux_channels")
 
 
 def lr_at(k: int, recipe: dict[str, Any]) -> float:
@@ -213,7 +184,7 @@ def _json_floats(values: Iterable[float]) -> list[float | None]:
 def evaluate(model: SegmentationModel, root: str | Path, recipe: dict[str, Any], info: DistInfo,
              num_workers: int = 0) -> dict[str, Any]:
     """Sliding-window evaluation over the (rank-sharded) validation split, at original resolution."""
-    dataset = ADE20KVal(root, recipe, max_images=recipe.get("eval_max_images"))
+    dataset = ADE20KVal(root, recipe, max_images=recipe["eval_max_images"])
     shard = torch.utils.data.Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
     loader = SigtermSafeDataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
     was_training = model.training
@@ -245,7 +216,7 @@ def build_model(job: FinetuneJob) -> tuple[SegmentationModel, dict[str, Any]]:
         aux_channels=r["aux_channels"] if r["aux_weight"] else None, dropout=r["dropout"],
         trust_pickle=job.trust_pickle,
     )
-    if r.get("fused_attention", True):
+    if r["fused_attention"]:
         use_fused_attention(model)
     return model, info
 
@@ -285,7 +256,7 @@ class SegmentationTraining(TrainTask):
             self.logger.log({"iter": u.done, **means, "lr": u.lr, "images_per_s": self.interval.rate(r["global_batch"])})
             postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{u.lr:.2e}"}
             self.interval.clear()
-        if r.get("eval_every") and u.done % r["eval_every"] == 0 and u.done < r["iters"]:
+        if r["eval_every"] and u.done % r["eval_every"] == 0 and u.done < r["iters"]:
             self.evaluate(u.done)
         return postfix
 
@@ -305,13 +276,12 @@ class SegmentationTraining(TrainTask):
 def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     """Fine-tune, evaluate, write ``out_dir/metrics.json`` (and the log); return the record."""
     started = time.time()
-    check_recipe(job.recipe)
-    r = full_recipe(job.recipe)
+    r = check_recipe(job.recipe)
     info = init_distributed(job.device)
-    if r.get("threads"):
+    if r["threads"]:
         torch.set_num_threads(int(r["threads"]))
     model, load_info = build_model(job)
-    if info.distributed and r.get("sync_bn"):
+    if info.distributed and r["sync_bn"]:
         if info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif info.is_main:  # PyTorch's SyncBatchNorm refuses CPU tensors (gloo ranks)
@@ -325,7 +295,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     root = Path(job.data["root"])
     sampler = GlobalBatchSampler(start, r["iters"], r["global_batch"], r["micro_batch"], info.rank, info.world_size)
     loader = SigtermSafeDataLoader(
-        ADE20KTrain(root, r, job.seed, max_images=r.get("train_max_images")), batch_sampler=sampler,
+        ADE20KTrain(root, r, job.seed, max_images=r["train_max_images"]), batch_sampler=sampler,
         num_workers=r["num_workers"], collate_fn=collate_train, pin_memory=info.device.type == "cuda",
         prefetch_factor=4 if r["num_workers"] > 0 else None,
     )
@@ -340,7 +310,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     record = write_metrics(job, info, {"miou": last_eval["miou"], "acc": last_eval["acc"]}, started,
                            per_class_iou=_json_floats(last_eval["per_class_iou"]), eval_images=last_eval["images"],
                            iterations=r["iters"], encoder=load_info)
-    if info.is_main and r.get("save_model"):
+    if info.is_main and r["save_model"]:
         ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
                           "recipe": job.recipe}, Path(job.out_dir) / "last.pt")
     state.finish()

@@ -112,8 +112,8 @@ class TrainTask:
 def train(task: TrainTask) -> None:
     """Make updates ``start .. total - 1`` of ``task``."""
     info, model, optimizer = task.info, task.model, task.optimizer
-    ddp_model, train_model = wrap_model(model, info, bool(task.recipe.get("compile")))
-    clip = task.recipe.get("clip_grad") or float("inf")
+    ddp_model, train_model = wrap_model(model, info, bool(task.recipe["compile"]))
+    clip = task.recipe["clip_grad"] or float("inf")
     bar = None
     if task.progress and info.is_main:
         from tqdm import tqdm

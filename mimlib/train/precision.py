@@ -10,7 +10,7 @@ import torch
 
 def autocast_context(recipe: Mapping[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU; 'bf16' / 'fp32' force one."""
-    precision = recipe.get("precision", "auto")
+    precision = recipe["precision"]
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":

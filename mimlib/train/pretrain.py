@@ -82,7 +82,7 @@ def build_model(job: PretrainJob) -> SimMIM:
         loss=r["loss"],
         norm_target_window=r["norm_target_window"],
     )
-    if r.get("fused_attention", True):
+    if r["fused_attention"]:
         use_fused_attention(model)
     return model
 
@@ -259,7 +259,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     """Run one job to ``job.end_iter``; returns the job summary (also written to metrics_out)."""
     info = init_distributed(job.device)
     r = job.recipe
-    if r.get("threads"):
+    if r["threads"]:
         torch.set_num_threads(r["threads"])
     model = build_model(job).to(info.device)
     optimizer = build_optimizer(model, r, info.device)

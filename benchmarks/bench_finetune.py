@@ -5,11 +5,13 @@ engines' own models and optimiser: the classifier of ``mimlib.finetune.classific
 224 px / window 14, Mask R-CNN of ``mimlib.finetune.detection`` on 1024 px crops with 10
 instances per image, UPerNet + auxiliary head of ``mimlib.finetune.segmentation`` on 640 px
 crops; AdamW over layer-decay groups (fused on CUDA), bf16 autocast on CUDA, gradient
-clipping, eager mode. Prints images/s per GPU and the hours a paper recipe's job would take on
+clipping; eager, and with ``--modes eager,compiled`` also torch.compile'd as the engines do
+with ``compile: true``. Prints images/s per GPU and the hours a paper recipe's job would take on
 ``--gpus`` GPUs if it scaled linearly (an upper bound on speed: no data loading, no
 communication) -- the basis of ``resources.finetune_runtime_min`` in config/paper.yaml.
 
     python benchmarks/bench_finetune.py --device cuda --model swinv2_b
+    python benchmarks/bench_finetune.py --device cuda --model swinv2_b --modes eager,compiled
     python benchmarks/bench_finetune.py --device cpu --small      # a quick check on a laptop
 """
 
@@ -44,30 +46,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def classification_step(model_name: str, batch: int, size: int, window: int, device: torch.device):
+def classification_step(model_name: str, batch: int, size: int, window: int, device: torch.device, compile_model: bool):
     from mimlib.models.attention import use_fused_attention
     from mimlib.models.pretrained import build_finetune_encoder
 
     model, _ = build_finetune_encoder(model_name, None, size, window, 0.2, num_classes=1000)
     use_fused_attention(model)
     model.to(device).train()
+    fwd = torch.compile(model) if compile_model else model  # what the loop's wrap_model does
     opt = build_optimizer(model, {**CLASSIFICATION, "lr": 1e-4}, device, "", model_name)
     images = torch.randn(batch, 3, size, size, device=device)
     soft = torch.softmax(torch.randn(batch, 1000, device=device), dim=1)  # Mixup-style soft targets
 
     def loss() -> torch.Tensor:
-        return torch.sum(-soft * F.log_softmax(model(images).float(), dim=-1), dim=-1).mean()
+        return torch.sum(-soft * F.log_softmax(fwd(images).float(), dim=-1), dim=-1).mean()
 
     return model, opt, loss
 
 
-def detection_step(model_name: str, batch: int, size: int, window: int, device: torch.device):
+def detection_step(model_name: str, batch: int, size: int, window: int, device: torch.device, compile_model: bool):
     from mimlib.finetune import detection as D
 
     job = FinetuneJob(task="coco", model=model_name, recipe={"img_size": size, "window_size": window},
                       data={}, out_dir=Path("."), resume_dir=Path("."))
     model, _ = D.build_model(job, num_classes=80)
     model.to(device).train()
+    fwd = torch.compile(model) if compile_model else model
     opt = build_optimizer(model, {**DETECTION, "lr": 1e-4}, device, D.ENCODER_PREFIX, model_name)
     g = torch.Generator().manual_seed(0)
     images, targets = [], []
@@ -83,32 +87,34 @@ def detection_step(model_name: str, batch: int, size: int, window: int, device: 
                         "masks": masks.to(device)})
 
     def loss() -> torch.Tensor:
-        return sum(model(images, targets).values())
+        return sum(fwd(images, targets).values())
 
     return model, opt, loss
 
 
-def segmentation_step(model_name: str, batch: int, size: int, window: int, device: torch.device):
+def segmentation_step(model_name: str, batch: int, size: int, window: int, device: torch.device, compile_model: bool):
     from mimlib.finetune import segmentation as S
 
     job = FinetuneJob(task="ade20k", model=model_name, recipe={"crop_size": size, "window_size": window},
                       data={}, out_dir=Path("."), resume_dir=Path("."))
     model, _ = S.build_model(job)
     model.to(device).train()
+    fwd = torch.compile(model) if compile_model else model
     opt = build_optimizer(model, {**SEGMENTATION, "lr": 1e-4}, device, S.ENCODER_PREFIX, model_name)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, SEGMENTATION["num_classes"], (batch, size, size), device=device)
 
     def loss() -> torch.Tensor:
-        logits, aux = model(images)
+        logits, aux = fwd(images)
         return S.seg_loss(logits, labels) + SEGMENTATION["aux_weight"] * S.seg_loss(aux, labels)
 
     return model, opt, loss
 
 
-def measure(build: Callable, args: argparse.Namespace, batch: int, size: int, window: int) -> dict[str, Any]:
+def measure(build: Callable, args: argparse.Namespace, batch: int, size: int, window: int,
+            compile_model: bool) -> dict[str, Any]:
     device = torch.device(args.device)
-    model, opt, loss_fn = build(args.model, batch, size, window, device)
+    model, opt, loss_fn = build(args.model, batch, size, window, device, compile_model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def step() -> float:
@@ -120,9 +126,11 @@ def measure(build: Callable, args: argparse.Namespace, batch: int, size: int, wi
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
+    t = time.perf_counter()
+    for _ in range(args.warmup):  # the first steps compile (compiled mode)
         step()
     sync(device)
+    warmup_s = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -132,7 +140,8 @@ def measure(build: Callable, args: argparse.Namespace, batch: int, size: int, wi
     sync(device)
     seconds = (time.perf_counter() - t) / args.iters
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"images_per_s": batch / seconds, "ms_per_iter": seconds * 1e3, "peak_gib": peak, "loss": last}
+    return {"images_per_s": batch / seconds, "ms_per_iter": seconds * 1e3, "peak_gib": peak, "loss": last,
+            "warmup_s": warmup_s}
 
 
 def main() -> int:
@@ -144,6 +153,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--small", action="store_true", help="tiny sizes and batches, to check the script on a CPU")
+    p.add_argument("--modes", default="eager", help="eager,compiled: torch.compile the training forward as the "
+                   "engines do with `compile: true` (one row per task and mode)")
     args = p.parse_args()
     args.model = args.model or ("swinv2_b" if args.device.startswith("cuda") else "swinv2_pico")
     if args.small:
@@ -154,21 +165,24 @@ def main() -> int:
                   "ade20k": (4, SEGMENTATION["crop_size"], SEGMENTATION["window_size"])}
     builders = {"in1k": classification_step, "coco": detection_step, "ade20k": segmentation_step}
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
-    print(f"{name}, torch {torch.__version__}, {args.model}, eager, {args.iters} timed iterations\n")
-    print(f"| task | batch / GPU | crop | images/s / GPU | ms/iter | peak GiB | paper job on {args.gpus} GPUs (h) |")
-    print("|---|---|---|---|---|---|---|")
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - {"eager", "compiled"}:
+        p.error(f"--modes {args.modes!r}: give eager and/or compiled")
+    print(f"{name}, torch {torch.__version__}, {args.model}, {args.iters} timed iterations after {args.warmup}\n")
+    print(f"| task | mode | batch / GPU | crop | images/s / GPU | ms/iter | warm-up s | peak GiB | "
+          f"paper job on {args.gpus} GPUs (h) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for task in [t for t in args.tasks.split(",") if t]:
         batch, size, window = shapes[task]
-        row = measure(builders[task], args, batch, size, window)
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()  # the task's model and optimiser went with measure()
-        hours = WORK[task] / (row["images_per_s"] * args.gpus) / 3600
-        print(f"| {task} | {batch} | {size} / w{window} | {row['images_per_s']:.1f} | {row['ms_per_iter']:.0f} | "
-              f"{row['peak_gib']:.1f} | {hours:.1f} |", flush=True)
-        if task == "in1k":
-            hours = WORK["inat18"] / (row["images_per_s"] * args.gpus) / 3600
-            print(f"| inat18 (as in1k) | {batch} | {size} / w{window} | {row['images_per_s']:.1f} | "
-                  f"{row['ms_per_iter']:.0f} | {row['peak_gib']:.1f} | {hours:.1f} |", flush=True)
+        for mode in modes:
+            row = measure(builders[task], args, batch, size, window, mode == "compiled")
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the task's model and optimiser went with measure()
+            for shown, work in [(task, WORK[task])] + ([("inat18 (as in1k)", WORK["inat18"])] if task == "in1k" else []):
+                hours = work / (row["images_per_s"] * args.gpus) / 3600
+                print(f"| {shown} | {mode} | {batch} | {size} / w{window} | {row['images_per_s']:.1f} | "
+                      f"{row['ms_per_iter']:.0f} | {row['warmup_s']:.0f} | {row['peak_gib']:.1f} | {hours:.1f} |",
+                      flush=True)
     return 0
 
 

@@ -73,7 +73,7 @@ def classify_overfitting(summary: pd.DataFrame, curves: pd.DataFrame,
 
 
 def read_overfitting(path) -> pd.DataFrame:
-    df = pd.read_csv(path, keep_default_na=True)
+    df = pd.read_csv(path, keep_default_na=True, dtype={"reason": object})  # all-empty reads as float
     df["length"] = df["length"].astype(int)
     for col in ("curve_rule", "length_rule", "overfit"):
         df[col] = df[col].astype(str).str.lower().isin(["true", "1", "yes"])

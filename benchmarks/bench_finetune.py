@@ -95,7 +95,7 @@ def detection_step(model_name: str, batch: int, size: int, window: int, device: 
 def segmentation_step(model_name: str, batch: int, size: int, window: int, device: torch.device, compile_model: bool):
     from mimlib.finetune import segmentation as S
 
-    job = FinetuneJob(task="ade20k", model=model_name, recipe={"crop_size": size, "window_size": window},
+    job = FinetuneJob(task="ade20k", model=model_name, recipe={"img_size": size, "window_size": window},
                       data={}, out_dir=Path("."), resume_dir=Path("."))
     model, _ = S.build_model(job)
     model.to(device).train()
@@ -162,7 +162,7 @@ def main() -> int:
         args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
     else:  # per-GPU batches of the paper recipes: 2048 / 16 GPUs, 32 / 16, 32 / 8
         shapes = {"in1k": (128, 224, 14), "coco": (2, DETECTION["img_size"], DETECTION["window_size"]),
-                  "ade20k": (4, SEGMENTATION["crop_size"], SEGMENTATION["window_size"])}
+                  "ade20k": (4, SEGMENTATION["img_size"], SEGMENTATION["window_size"])}
     builders = {"in1k": classification_step, "coco": detection_step, "ade20k": segmentation_step}
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     modes = [m for m in args.modes.split(",") if m]

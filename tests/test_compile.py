@@ -96,7 +96,7 @@ def test_classification_compiled_equals_eager(tmp_path: Path, tiny_data: dict, m
 def test_segmentation_compiled_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_ade20k_demo(tmp_path / "ade", Ade20kDemoSpec(num_classes=4, train_images=4, val_images=1, min_size=64,
                                                        max_size=96))
-    recipe = dict(num_classes=4, crop_size=64, window_size=4, scale=[256, 64], slide_crop=64, slide_stride=64,
+    recipe = dict(num_classes=4, img_size=64, window_size=4, scale=[256, 64], slide_crop=64, slide_stride=64,
                   test_short_side=64, test_long_side=128, iters=1, warmup_iters=0, lr=1e-3, global_batch=2,
                   micro_batch=2, channels=16, aux_channels=16, num_workers=0, log_every=1, eval_every=0,
                   checkpoint_every=0, threads=1)

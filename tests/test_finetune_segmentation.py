@@ -22,7 +22,7 @@ from mimlib.train.step import NonFiniteLossError
 
 # A tiny demo-scale recipe: 128 px crops, window 8, 32-channel heads.
 TINY = dict(
-    num_classes=4, crop_size=128, window_size=8, scale=[256, 128], slide_crop=128, slide_stride=96,
+    num_classes=4, img_size=128, window_size=8, scale=[256, 128], slide_crop=128, slide_stride=96,
     test_short_side=128, test_long_side=256, iters=2, warmup_iters=1, lr=1e-3, layer_decay=0.9,
     global_batch=2, micro_batch=2, channels=32, aux_channels=32, num_workers=0, log_every=1,
     eval_every=0, checkpoint_every=0, threads=None,
@@ -185,7 +185,7 @@ def _job(tmp: Path, root: Path, name: str, **over) -> FinetuneJob:
 
 def test_run_resumes_after_a_nan_stop_to_the_same_weights(tmp_path: Path, ade_root: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    over = dict(iters=3, checkpoint_every=2, save_model=True)
+    over = dict(iters=3, checkpoint_every=2, save_weights=True)
     ref = seg.run(_job(tmp_path, ade_root, "ref", **over), progress=False)
     assert set(ref["metrics"]) == {"miou", "acc"} and 0.0 <= ref["metrics"]["acc"] <= 1.0
     saved = json.loads((tmp_path / "ref" / "metrics.json").read_text())
@@ -222,7 +222,7 @@ def test_sigterm_saves_and_the_rerun_matches(tmp_path: Path, ade_root: Path, mon
 
     from mimlib.train.preemption import Preempted
 
-    over = dict(iters=4, log_every=3, checkpoint_every=0, save_model=True)  # only SIGTERM saves mid-run
+    over = dict(iters=4, log_every=3, checkpoint_every=0, save_weights=True)  # only SIGTERM saves mid-run
     ref = seg.run(_job(tmp_path, ade_root, "ref", **over), progress=False)
     calls = {"n": 0}
     original = seg.seg_loss

@@ -10,7 +10,7 @@ Training pipeline (paper Table 14, mmseg's ADE20K config at 640):
 1. random rescale: ratio r ~ U[ratio_range] (0.5, 2.0), target scale (2560 r, 640 r); the
    image is resized keeping its aspect ratio so it fits both (long side <= 2560 r, short
    side <= 640 r) -- mmcv's ``rescale_size`` -- bilinear for the image, nearest for labels;
-2. random crop ``crop_size`` (640) with mmseg's ``cat_max_ratio`` 0.75: up to 10 re-draws
+2. random crop ``img_size`` (640) with mmseg's ``cat_max_ratio`` 0.75: up to 10 re-draws
    until the crop holds >= 2 labelled classes and no class covers >= 75% of its labelled
    pixels (the last draw is kept otherwise);
 3. horizontal flip with p = 0.5;
@@ -19,7 +19,7 @@ Training pipeline (paper Table 14, mmseg's ADE20K config at 640):
    degrees, p .5). Here the image stays float between steps (clipped to [0, 255] after each)
    rather than being rounded to uint8 after each as mmcv does;
 5. normalise with the ImageNet mean/std (mmseg's 123.675/116.28/103.53, 58.395/57.12/57.375);
-6. pad bottom/right to ``crop_size``: image 0 (after normalising), label 255.
+6. pad bottom/right to ``img_size``: image 0 (after normalising), label 255.
 
 Evaluation: resize keeping the aspect ratio into (2560, 640) -- short side 640 unless the
 long side would pass 2560 -- and predict with sliding windows (engine); the metric compares
@@ -221,7 +221,7 @@ def train_sample(image: np.ndarray | torch.Tensor, label: np.ndarray | torch.Ten
     Returns a normalised float (3, crop, crop) image and an int64 (crop, crop) label with 255
     where ignored (including padding).
     """
-    crop = int(recipe["crop_size"])
+    crop = int(recipe["img_size"])
     img = torch.as_tensor(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()
     lab = torch.as_tensor(np.asarray(label, dtype=np.uint8))
     h, w = lab.shape

@@ -109,7 +109,7 @@ DETECTION: dict[str, Any] = {
 SEGMENTATION: dict[str, Any] = {
     "num_classes": 150,  # ADE20K's 150 (labels 1..150, 0 = other -> ignored)
     # --- input (Table 14) ---
-    "crop_size": 640,
+    "img_size": 640,
     "window_size": 20,
     "scale": [2560, 640],  # base (long, short) of the training rescale (mmseg img_scale)
     "ratio_range": [0.5, 2.0],  # scale jittering
@@ -118,7 +118,7 @@ SEGMENTATION: dict[str, Any] = {
     "photometric": True,  # mmseg PhotoMetricDistortion
     "test_short_side": 640,  # test size (2560, 640): short side 640, long side at most 2560
     "test_long_side": 2560,
-    "slide_crop": 640,  # sliding-window size; must equal crop_size (the model's input size)
+    "slide_crop": 640,  # sliding-window size; must equal img_size (the model's input size)
     "slide_stride": 426,
     # --- optimisation (Table 14) ---
     "iters": 80000,
@@ -149,9 +149,9 @@ SEGMENTATION: dict[str, Any] = {
     "log_every": 50,  # iterations
     "eval_every": 8000,  # iterations between validation runs; 0/None = only the final one
     "checkpoint_every": 1000,  # rolling resume state, iterations
-    "eval_max_images": None,  # first N validation images (sorted); None = all 2000
-    "train_max_images": None,  # first N training images (sorted); None = all 20210
-    "save_model": False,  # also write out_dir/last.pt (model weights) at the end
+    "max_val_images": None,  # first N validation images (sorted); None = all 2000
+    "max_train_images": None,  # first N training images (sorted); None = all 20210
+    "save_weights": False,  # also write out_dir/last.pt (model weights) at the end
     "threads": None,  # torch.set_num_threads; None leaves torch's default
 }
 
@@ -215,17 +215,17 @@ def check_segmentation(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown ade20k recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(SEGMENTATION))})")
     r = {**SEGMENTATION, **recipe}
-    crop, window = int(r["crop_size"]), int(r["window_size"])
+    crop, window = int(r["img_size"]), int(r["window_size"])
     if crop % 32:
-        raise ValueError(f"crop_size {crop} is not a multiple of 32 (patch 4, four stages)")
+        raise ValueError(f"img_size {crop} is not a multiple of 32 (patch 4, four stages)")
     for i in range(4):
         res = crop // 4 // 2**i
         if res % min(window, res):
             raise ValueError(f"window_size {window} does not tile stage {i} ({res}x{res} tokens) of a {crop} crop")
     if int(r["slide_crop"]) != crop:
-        raise ValueError(f"slide_crop {r['slide_crop']} must equal crop_size {crop} (the model's fixed input size)")
+        raise ValueError(f"slide_crop {r['slide_crop']} must equal img_size {crop} (the model's fixed input size)")
     if not 0 < int(r["slide_stride"]) <= crop:
-        raise ValueError(f"slide_stride {r['slide_stride']} must be in (0, crop_size]")
+        raise ValueError(f"slide_stride {r['slide_stride']} must be in (0, img_size]")
     if r["global_batch"] % r["micro_batch"]:
         raise ValueError(f"global_batch {r['global_batch']} is not a multiple of micro_batch {r['micro_batch']}")
     lo, hi = r["ratio_range"]

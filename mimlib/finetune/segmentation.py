@@ -184,7 +184,7 @@ def _json_floats(values: Iterable[float]) -> list[float | None]:
 def evaluate(model: SegmentationModel, root: str | Path, recipe: dict[str, Any], info: DistInfo,
              num_workers: int = 0) -> dict[str, Any]:
     """Sliding-window evaluation over the (rank-sharded) validation split, at original resolution."""
-    dataset = ADE20KVal(root, recipe, max_images=recipe["eval_max_images"])
+    dataset = ADE20KVal(root, recipe, max_images=recipe["max_val_images"])
     shard = torch.utils.data.Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
     loader = SigtermSafeDataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_first)
     was_training = model.training
@@ -211,7 +211,7 @@ def build_model(job: FinetuneJob) -> tuple[SegmentationModel, dict[str, Any]]:
     r = full_recipe(job.recipe)
     torch.manual_seed(stable_seed(job.seed, "init", job.task, job.model))  # same heads on every rank
     model, info = build_upernet(
-        job.model, job.checkpoint, r["num_classes"], img_size=r["crop_size"], window_size=r["window_size"],
+        job.model, job.checkpoint, r["num_classes"], img_size=r["img_size"], window_size=r["window_size"],
         drop_path=r["drop_path"], channels=r["channels"],
         aux_channels=r["aux_channels"] if r["aux_weight"] else None, dropout=r["dropout"],
         trust_pickle=job.trust_pickle,
@@ -295,7 +295,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     root = Path(job.data["root"])
     sampler = GlobalBatchSampler(start, r["iters"], r["global_batch"], r["micro_batch"], info.rank, info.world_size)
     loader = SigtermSafeDataLoader(
-        ADE20KTrain(root, r, job.seed, max_images=r["train_max_images"]), batch_sampler=sampler,
+        ADE20KTrain(root, r, job.seed, max_images=r["max_train_images"]), batch_sampler=sampler,
         num_workers=r["num_workers"], collate_fn=collate_train, pin_memory=info.device.type == "cuda",
         prefetch_factor=4 if r["num_workers"] > 0 else None,
     )
@@ -310,7 +310,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     record = write_metrics(job, info, {"miou": last_eval["miou"], "acc": last_eval["acc"]}, started,
                            per_class_iou=_json_floats(last_eval["per_class_iou"]), eval_images=last_eval["images"],
                            iterations=r["iters"], encoder=load_info)
-    if info.is_main and r["save_model"]:
+    if info.is_main and r["save_weights"]:
         ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
                           "recipe": job.recipe}, Path(job.out_dir) / "last.pt")
     state.finish()

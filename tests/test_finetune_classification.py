@@ -370,8 +370,9 @@ def test_recipe_errors() -> None:
     with pytest.raises(ValueError, match="unknown classification recipe key.*'lr_base'"):
         cls.check_recipe({"lr_base": 1.0})
     with pytest.raises(ValueError, match="global_batch 48 is not a multiple of micro_batch 8 x world_size 4"):
-        cls.accumulation_steps(cls.check_recipe({"global_batch": 48, "micro_batch": 8}), 4)
-    assert cls.accumulation_steps(cls.DEFAULT_RECIPE, 8) == 4
+        cls.EpochBatchSampler(64, 48, 8, rank=0, world_size=4, seed=0)
+    r = cls.DEFAULT_RECIPE
+    assert cls.EpochBatchSampler(4096, r["global_batch"], r["micro_batch"], rank=0, world_size=8, seed=0).accum == 4
 
 
 def test_schedule_is_scaled_per_512_with_warmup_then_cosine() -> None:

@@ -41,7 +41,7 @@ def test_every_partition_covers_the_global_batch(world: int, micro: int) -> None
 
 def test_accumulation_must_divide() -> None:
     assert accumulation_steps(2048, 128, 8) == 2
-    with pytest.raises(ValueError, match="global_batch 2048 is not divisible by micro_batch 96 x world size 8"):
+    with pytest.raises(ValueError, match="global_batch 2048 is not a multiple of micro_batch 96 x world_size 8 = 768"):
         accumulation_steps(2048, 96, 8)
 
 

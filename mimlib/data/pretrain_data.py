@@ -195,11 +195,13 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """Micro-steps per iteration so that the global batch does not depend on the GPU count."""
+    """Micro-steps per update so that the global batch does not depend on the GPU count (every
+    engine's batches: pre-training, classification, detection, segmentation)."""
     per_step = micro_batch * world_size
     if global_batch % per_step:
         raise ValueError(
-            f"global_batch {global_batch} is not divisible by micro_batch {micro_batch} x world size {world_size}"
+            f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x world_size {world_size}"
+            f" = {per_step}"
         )
     return global_batch // per_step
 

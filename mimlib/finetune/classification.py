@@ -50,7 +50,7 @@ from mimlib.data.classification import (
     build_train_transform,
     load_classification_splits,
 )
-from mimlib.data.pretrain_data import stable_seed
+from mimlib.data.pretrain_data import accumulation_steps, stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,
@@ -92,16 +92,6 @@ DEFAULT_RECIPE: dict[str, Any] = CLASSIFICATION
 KNOWN_KEYS: set[str] = set(DEFAULT_RECIPE)
 
 
-def accumulation_steps(r: dict[str, Any], world_size: int) -> int:
-    per_pass = r["micro_batch"] * world_size
-    if r["global_batch"] % per_pass:
-        raise ValueError(
-            f"global_batch {r['global_batch']} is not a multiple of micro_batch {r['micro_batch']} x "
-            f"world_size {world_size} = {per_pass}"
-        )
-    return r["global_batch"] // per_pass
-
-
 def lr_schedule(r: dict[str, Any], updates_per_epoch: int) -> Callable[[int], float]:
     """lr (before layer-decay scaling) of optimiser update ``k``: warmup then cosine per
     update, every lr scaled per 512 images (:func:`mimlib.train.schedule.cosine_lr`)."""
@@ -130,7 +120,7 @@ class EpochBatchSampler(Sampler):
             raise ValueError(f"training set of {num_samples} images is smaller than global_batch {global_batch}")
         self.n, self.g, self.m = num_samples, global_batch, micro_batch
         self.rank, self.world, self.seed = rank, world_size, seed
-        self.accum = global_batch // (micro_batch * world_size)
+        self.accum = accumulation_steps(global_batch, micro_batch, world_size)
         self.updates_per_epoch = num_samples // global_batch
         self.epoch = 0
         self.start_update = 0
@@ -283,7 +273,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     started = time.time()
     r = check_recipe(job.recipe)
     info = init_distributed(job.device)
-    accum = accumulation_steps(r, info.world_size)
+    accum = accumulation_steps(r["global_batch"], r["micro_batch"], info.world_size)
     if r["threads"]:
         torch.set_num_threads(int(r["threads"]))
     splits = load_classification_splits(job.data)

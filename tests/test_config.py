@@ -112,3 +112,27 @@ def test_a_task_recipe_that_cannot_work_is_refused_before_any_job() -> None:
     cfg["finetune"]["in1k"]["recipe"]["warmup_epochs"] = 5  # more than its 1 epoch
     with pytest.raises(ConfigError, match=r"finetune.in1k.recipe \(model swinv2_pico\): need epochs >= 1"):
         validate_config(cfg, check_paths=False)
+
+
+def test_the_paper_config_has_the_papers_recipes() -> None:
+    """config/paper.yaml restates nothing: its Table 10-12 values come from the schema and the
+    recipe defaults, and are pinned here."""
+    from mimlib.config import finetune_recipe, pretrain_recipe
+
+    paper = load_config(ROOT / "config" / "paper.yaml", check_paths=False)
+    pre = pretrain_recipe(paper, "swinv2_b")
+    assert {k: pre[k] for k in ("img_size", "window_size", "mask_patch_size", "mask_ratio", "global_batch",
+                                "base_lr", "warmup_lr", "warmup_iters", "decay_ratio", "weight_decay", "clip_grad",
+                                "drop_path", "loss", "decoder", "compile")} == {
+        "img_size": 192, "window_size": 12, "mask_patch_size": 32, "mask_ratio": 0.6, "global_batch": 2048,
+        "base_lr": 1e-4, "warmup_lr": 5e-7, "warmup_iters": 6250, "decay_ratio": 0.1, "weight_decay": 0.05,
+        "clip_grad": 5.0, "drop_path": 0.1, "loss": "l1", "decoder": "linear", "compile": True}
+    assert pretrain_recipe(paper, "swinv2_g")["micro_batch"] == 16
+    in1k_s, in1k_h = finetune_recipe(paper, "in1k", "swinv2_s"), finetune_recipe(paper, "in1k", "swinv2_h")
+    assert {k: in1k_s[k] for k in ("img_size", "window_size", "epochs", "warmup_epochs", "layer_decay",
+                                   "global_batch", "base_lr", "weight_decay", "drop_path")} == {
+        "img_size": 224, "window_size": 14, "epochs": 100, "warmup_epochs": 20, "layer_decay": 0.8,
+        "global_batch": 2048, "base_lr": 1.25e-3, "weight_decay": 0.05, "drop_path": 0.2}
+    assert (in1k_h["epochs"], in1k_h["layer_decay"]) == (50, 0.65)
+    inat = finetune_recipe(paper, "inat18", "swinv2_b")
+    assert (inat["base_lr"] * 2048 / 512, inat["weight_decay"], inat["layer_decay"], inat["epochs"]) == (1.6e-2, 0.1, 0.75, 100)

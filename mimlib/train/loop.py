@@ -17,6 +17,7 @@ number made. Every random draw of an update is seeded by the task from ``k`` (``
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -172,8 +173,6 @@ class IntervalLog:
         self.reset_clock()
 
     def reset_clock(self) -> None:
-        import time
-
         self.t0 = time.perf_counter()
 
     def add(self, **values: float) -> None:
@@ -185,8 +184,7 @@ class IntervalLog:
         return {name: v / self.n for name, v in self.sums.items()}
 
     def rate(self, per_update: float) -> float:
-        import time
-
+        """Per second since the interval opened (images/s with ``per_update`` = the global batch)."""
         return self.n * per_update / max(time.perf_counter() - self.t0, 1e-9)
 
     def clear(self) -> None:

@@ -36,7 +36,20 @@ def load_schema() -> dict[str, Any]:
     finetune["properties"]["tasks"]["items"]["enum"] = list(TASKS)
     section = finetune["patternProperties"].pop("^(TASKS)$")
     finetune["patternProperties"]["^(" + "|".join(TASKS) + ")$"] = section
+    # A per-model override is checked against the same key schemas as the pre-training block
+    # (without their defaults: an override sets only what it names).
+    pretrain = schema["properties"]["pretrain"]["properties"]
+    pretrain["per_model"]["additionalProperties"] = {
+        "type": "object", "additionalProperties": False,
+        "properties": {k: _without_defaults(v) for k, v in pretrain.items() if k != "per_model"},
+    }
     return schema
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    return node
 
 
 def _fill_defaults(node: Any, schema: Mapping[str, Any]) -> Any:
@@ -121,12 +134,8 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     for model in cfg["models"]:
         if model not in MODELS:
             continue
-        recipe = pretrain_recipe(cfg, model)
+        recipe = pretrain_recipe(cfg, model)  # its keys and types were checked by the schema
         key = f"pretrain (model {model})"
-        unknown = set(recipe) - set(load_schema()["properties"]["pretrain"]["properties"])
-        if unknown:
-            problems.append(f"pretrain.per_model.{model}: unknown keys {sorted(unknown)}")
-            continue
         if recipe["img_size"] % recipe["mask_patch_size"]:
             problems.append(f"{key}.img_size: {recipe['img_size']} not divisible by mask_patch_size {recipe['mask_patch_size']}")
         if recipe["mask_patch_size"] % recipe["patch_size"]:

@@ -70,8 +70,58 @@ def test_per_model_override(smoke_config: dict) -> None:
     cfg = validate_config(cfg)
     assert pretrain_recipe(cfg, "swinv2_pico")["micro_batch"] == 2
     cfg["pretrain"]["per_model"] = {"swinv2_pico": {"micro_batchh": 2}}
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"pretrain.per_model.swinv2_pico: .*'micro_batchh' was unexpected"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"base_lr": -0.016}, r"pretrain.per_model.swinv2_pico.base_lr: -0.016 is less than or equal to the minimum of 0"),
+    ({"global_batch": "32"}, r"pretrain.per_model.swinv2_pico.global_batch: '32' is not of type 'integer'"),
+    ({"mask_ratio": 1.5}, r"pretrain.per_model.swinv2_pico.mask_ratio: 1.5 is greater than or equal to the maximum of 1"),
+    ({"clip_grad": "5"}, r"pretrain.per_model.swinv2_pico.clip_grad: '5' is not of type 'number', 'null'"),
+])
+def test_a_per_model_pretrain_override_is_checked_as_the_key_it_overrides(override: dict, message: str) -> None:
+    """Issue 12 (3): per-model values went unchecked (a negative lr trained; a string batch
+    crashed check-config with a raw TypeError); they get the top-level keys' schema and messages."""
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["pretrain"]["per_model"] = {"swinv2_pico": override}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, check_paths=False)
+    # the override sets only what it names: no schema default leaks into it
+    cfg = validate_config({**cfg, "pretrain": {**cfg["pretrain"], "per_model": {"swinv2_pico": {"micro_batch": 2}}}},
+                          check_paths=False)
+    assert cfg["pretrain"]["per_model"] == {"swinv2_pico": {"micro_batch": 2}}
+
+
+@pytest.mark.parametrize("task, where, override, message", [
+    ("in1k", "recipe", {"epochs": "1"}, r"finetune.in1k.recipe \(model swinv2_pico\): invalid classification recipe: epochs = '1': Input should be a valid integer"),
+    ("in1k", "per_model", {"base_lr": -0.5}, r"finetune.in1k.recipe \(model swinv2_pico\): invalid classification recipe: base_lr = -0.5: Input should be greater than 0"),
+    ("coco", "recipe", {"anchor_sizes": [16, "32"]}, r"finetune.coco.recipe \(model swinv2_pico\): invalid coco recipe: anchor_sizes.1 = '32': Input should be a valid integer"),
+    ("ade20k", "per_model", {"precision": "fp16"}, r"finetune.ade20k.recipe \(model swinv2_pico\): invalid ade20k recipe: precision = 'fp16': Input should be 'auto', 'bf16' or 'fp32'"),
+    ("ade20k", "recipe", {"save_weights": 1}, r"finetune.ade20k.recipe \(model swinv2_pico\): invalid ade20k recipe: save_weights = 1: Input should be a valid boolean"),
+])
+def test_every_fine_tuning_recipe_value_is_checked_before_any_job(task: str, where: str, override: dict, message: str) -> None:
+    """Issue 12 (3): a string epochs or a negative lr passed check-config and the job died
+    later naming no key; the typed recipes (mimlib.finetune.recipes) name key and value."""
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    section = cfg["finetune"][task]
+    if where == "recipe":
+        section["recipe"] = {**section["recipe"], **override}
+    else:
+        section["per_model"] = {"swinv2_pico": override}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, check_paths=False)
+
+
+def test_the_recipe_defaults_pass_their_own_types() -> None:
+    """The defaults are not validated when a recipe is made (pydantic leaves them be): check here."""
+    import dataclasses
+
+    from mimlib.finetune import recipes
+
+    for cls in (recipes.ClassificationRecipe, recipes.DetectionRecipe, recipes.SegmentationRecipe):
+        defaults = dataclasses.asdict(cls())
+        assert dataclasses.asdict(cls(**defaults)) == defaults
 
 
 
@@ -106,11 +156,11 @@ def test_a_task_recipe_that_cannot_work_is_refused_before_any_job() -> None:
     """The engines' checks run in config validation, for every model's recipe (per-model overrides too)."""
     cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     cfg["finetune"]["ade20k"]["per_model"] = {"swinv2_pico": {"window_size": 12}}
-    with pytest.raises(ConfigError, match=r"finetune.ade20k.recipe \(model swinv2_pico\): window_size 12 does not tile"):
+    with pytest.raises(ConfigError, match=r"finetune.ade20k.recipe \(model swinv2_pico\): .*window_size 12 does not tile"):
         validate_config(cfg, check_paths=False)
     cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     cfg["finetune"]["in1k"]["recipe"]["warmup_epochs"] = 5  # more than its 1 epoch
-    with pytest.raises(ConfigError, match=r"finetune.in1k.recipe \(model swinv2_pico\): need epochs >= 1"):
+    with pytest.raises(ConfigError, match=r"finetune.in1k.recipe \(model swinv2_pico\): .*warmup_epochs 5(\.0)? is more than epochs 1"):
         validate_config(cfg, check_paths=False)
 
 

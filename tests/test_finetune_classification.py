@@ -366,7 +366,9 @@ def test_non_finite_loss_names_the_epoch_and_keeps_state(
 def test_recipe_errors() -> None:
     with pytest.raises(ValueError, match="even micro_batch, got 3"):
         cls.check_recipe({"micro_batch": 3})
-    cls.check_recipe({"micro_batch": 3, "mixup": 0.0, "cutmix": 0.0})  # no Mixup: odd is fine
+    cls.check_recipe({"micro_batch": 3, "global_batch": 1536, "mixup": 0.0, "cutmix": 0.0})  # no Mixup: odd is fine
+    with pytest.raises(ValueError, match="global_batch 2048 is not a multiple of micro_batch 3"):  # on any world size
+        cls.check_recipe({"micro_batch": 3, "mixup": 0.0, "cutmix": 0.0})
     with pytest.raises(ValueError, match="unknown classification recipe key.*'lr_base'"):
         cls.check_recipe({"lr_base": 1.0})
     with pytest.raises(ValueError, match="global_batch 48 is not a multiple of micro_batch 8 x world_size 4"):

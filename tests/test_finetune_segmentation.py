@@ -288,7 +288,7 @@ def test_layer_decay_groups_head_at_one_patch_embed_at_decay_power() -> None:
 
 
 def test_recipe_checks_and_schedule() -> None:
-    with pytest.raises(ValueError, match="unknown ade20k recipe keys: bogus"):
+    with pytest.raises(ValueError, match=r"unknown ade20k recipe key\(s\) \['bogus'\]"):
         seg.check_recipe({**seg.DEFAULT_RECIPE, "bogus": 1})
     with pytest.raises(ValueError, match="window_size"):
         seg.check_recipe({**seg.DEFAULT_RECIPE, "window_size": 12})

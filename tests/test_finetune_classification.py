@@ -372,9 +372,27 @@ def test_recipe_errors() -> None:
     with pytest.raises(ValueError, match="unknown classification recipe key.*'lr_base'"):
         cls.check_recipe({"lr_base": 1.0})
     with pytest.raises(ValueError, match="global_batch 48 is not a multiple of micro_batch 8 x world_size 4"):
-        cls.EpochBatchSampler(64, 48, 8, rank=0, world_size=4, seed=0)
+        cls.batch_sampler(64, 0, 1, 48, 8, rank=0, world_size=4, seed=0)
     r = cls.DEFAULT_RECIPE
-    assert cls.EpochBatchSampler(4096, r["global_batch"], r["micro_batch"], rank=0, world_size=8, seed=0).accum == 4
+    assert cls.batch_sampler(4096, 0, 2, r["global_batch"], r["micro_batch"], rank=0, world_size=8, seed=0).accum == 4
+    with pytest.raises(ValueError, match="training set of 10 images cannot fill a global batch of 16"):
+        cls.batch_sampler(10, 0, 1, 16, 8, rank=0, world_size=1, seed=0)
+
+
+def test_the_batch_sampler_covers_each_epoch_once_on_any_rank_layout() -> None:
+    """Epoch e's updates take disjoint global batches of one (seed, e) permutation; the ranks'
+    and micro-steps' shares of update k are its global batch whatever the layout; a sampler
+    started mid-run (a resumed job) continues the same stream."""
+    n, g, epochs = 21, 4, 3  # 5 updates per epoch, one image left out of each
+    one = list(cls.batch_sampler(n, 0, epochs * 5, g, 4, rank=0, world_size=1, seed=5))
+    assert [len(b) for b in one] == [4] * 15 and {e for b in one for _, e in b} == {0, 1, 2}
+    for e in range(epochs):
+        images = [i for b in one[5 * e:5 * (e + 1)] for i, ep in b if ep == e]
+        assert len(images) == len(set(images)) == 20
+    split = [list(cls.batch_sampler(n, 0, epochs * 5, g, 1, rank=r, world_size=2, seed=5)) for r in range(2)]
+    for k in range(15):
+        assert sorted(split[0][2 * k] + split[0][2 * k + 1] + split[1][2 * k] + split[1][2 * k + 1]) == sorted(one[k])
+    assert list(cls.batch_sampler(n, 7, epochs * 5, g, 4, rank=0, world_size=1, seed=5)) == one[7:]
 
 
 def test_schedule_is_scaled_per_512_with_warmup_then_cosine() -> None:

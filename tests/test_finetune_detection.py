@@ -258,20 +258,20 @@ def test_lsj_keeps_boxes_and_masks_consistent(coco_demo: Path) -> None:
 
 
 def test_batch_sampler_shards_the_global_batch() -> None:
-    one = list(D.DetectionBatchSampler(10, 0, 6, 4, 2, seed=3))
+    one = list(D.batch_sampler(10, 0, 6, 4, 2, seed=3))
     assert len(one) == 12  # 6 iterations x 2 micro-steps
     per_iter = [sorted(one[2 * k] + one[2 * k + 1]) for k in range(6)]
     for rank in range(2):
-        shard = list(D.DetectionBatchSampler(10, 0, 6, 4, 1, seed=3, rank=rank, world_size=2))
+        shard = list(D.batch_sampler(10, 0, 6, 4, 1, seed=3, rank=rank, world_size=2))
         assert len(shard) == 12
-    both = [list(D.DetectionBatchSampler(10, 0, 6, 4, 1, seed=3, rank=r, world_size=2)) for r in range(2)]
+    both = [list(D.batch_sampler(10, 0, 6, 4, 1, seed=3, rank=r, world_size=2)) for r in range(2)]
     for k in range(6):
         union = sorted(both[0][2 * k] + both[0][2 * k + 1] + both[1][2 * k] + both[1][2 * k + 1])
         assert union == per_iter[k]
     # an epoch (2 iterations of 4 from 10 images) has no repeats; a resumed sampler agrees
     epoch0 = [i for k in range(2) for i, _ in per_iter[k]]
     assert len(set(epoch0)) == 8
-    assert list(D.DetectionBatchSampler(10, 3, 6, 4, 2, seed=3)) == one[6:]
+    assert list(D.batch_sampler(10, 3, 6, 4, 2, seed=3)) == one[6:]
 
 
 # ----------------------------------------------------------------------------- (d) training

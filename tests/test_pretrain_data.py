@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from mimlib.data.manifests import read_manifest
-from mimlib.data.pretrain_data import (
-    GlobalBatchSampler,
-    PretrainDataset,
-    SampleOrder,
-    ValidationDataset,
-    accumulation_steps,
-)
+from mimlib.data.pretrain_data import PretrainDataset, SampleOrder, ValidationDataset
+from mimlib.data.sampling import GlobalBatchSampler, accumulation_steps
 from mimlib.data.index import read_index
 
 

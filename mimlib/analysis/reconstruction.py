@@ -131,7 +131,8 @@ def pick_images(manifests: Mapping[str, str | Path], datasets: Sequence[str], va
 def reconstruct(models: Sequence[tuple[Any, dict]], image_paths: Sequence[Path], seed: int) -> dict[str, list[np.ndarray]]:
     """Original, masked and each model's reconstruction (HWC float arrays in [0, 1]) per image."""
     from mimlib.data.decode import decode_rgb_tensor
-    from mimlib.data.pretrain_data import eval_transform, mask_generator, stable_seed
+    from mimlib.data.pretrain_data import eval_transform, mask_generator
+    from mimlib.data.sampling import stable_seed
 
     recipe = models[0][1]
     transform = eval_transform(recipe["img_size"])

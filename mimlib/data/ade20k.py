@@ -43,7 +43,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mimlib.data.decode import load_rgb
-from mimlib.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD, SampleOrder, stable_seed
+from mimlib.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD, SampleOrder
+from mimlib.data.sampling import stable_seed
 
 log = logging.getLogger(__name__)
 

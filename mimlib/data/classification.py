@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from mimlib.data.decode import load_rgb
 from mimlib.data.index import read_index
-from mimlib.data.pretrain_data import stable_seed
+from mimlib.data.sampling import stable_seed
 
 __all__ = [
     "ClassificationDataset",

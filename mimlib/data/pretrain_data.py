@@ -8,19 +8,19 @@ any split of the global batch over processes and accumulation steps, sees the sa
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from mimlib.data.decode import CorruptImageError, decode_for_crop, decode_rgb_tensor
+from mimlib.data.sampling import stable_seed
 from mimlib.models.masking import MaskGenerator
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_DECODE_ATTEMPTS = 16
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (never Python's salted ``hash``)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class SampleOrder:
@@ -192,39 +186,3 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if "valid" in samples[0]:
         out["valid"] = torch.tensor([s["valid"] for s in samples])
     return out
-
-
-def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """Micro-steps per update so that the global batch does not depend on the GPU count (every
-    engine's batches: pre-training, classification, detection, segmentation)."""
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x world_size {world_size}"
-            f" = {per_step}"
-        )
-    return global_batch // per_step
-
-
-class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields this rank's micro-batches of (iteration, slot) keys for iterations [start, end).
-
-    Micro-step a of rank r takes slots [a*W*m + r*m, a*W*m + (r+1)*m): the union over ranks and
-    micro-steps is always the whole global batch.
-    """
-
-    def __init__(self, start: int, end: int, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1):
-        self.start, self.end = start, end
-        self.micro = micro_batch
-        self.rank, self.world = rank, world_size
-        self.accum = accumulation_steps(global_batch, micro_batch, world_size)
-
-    def __len__(self) -> int:
-        return max(self.end - self.start, 0) * self.accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        w, m = self.world, self.micro
-        for k in range(self.start, self.end):
-            for a in range(self.accum):
-                base = a * w * m + self.rank * m
-                yield [(k, base + i) for i in range(m)]

@@ -37,12 +37,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from mimlib.data.classification import (
     ClassificationDataset,
@@ -50,7 +50,7 @@ from mimlib.data.classification import (
     build_train_transform,
     load_classification_splits,
 )
-from mimlib.data.pretrain_data import accumulation_steps, stable_seed
+from mimlib.data.sampling import EpochOrder, GlobalBatchSampler, accumulation_steps, stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_RECIPE",
     "KNOWN_KEYS",
-    "EpochBatchSampler",
+    "batch_sampler",
     "NonFiniteLossError",
     "check_recipe",
     "lr_schedule",
@@ -106,40 +106,13 @@ def lr_schedule(r: dict[str, Any], updates_per_epoch: int) -> Callable[[int], fl
     )
 
 
-class EpochBatchSampler(Sampler):
-    """This rank's micro-batches of one epoch, as lists of ``(index, epoch)`` keys.
-
-    The epoch's order is a permutation of the dataset seeded by ``(seed, epoch)``; the last
-    incomplete global batch is dropped. Global batch ``u`` is cut into ``world x accum``
-    micro-batches; rank ``r`` takes micro-batches ``r, r + world, ...``. Yields the updates from
-    ``start_update`` on (a job resumed in the middle of an epoch).
-    """
-
-    def __init__(self, num_samples: int, global_batch: int, micro_batch: int, rank: int, world_size: int, seed: int):
-        if num_samples < global_batch:
-            raise ValueError(f"training set of {num_samples} images is smaller than global_batch {global_batch}")
-        self.n, self.g, self.m = num_samples, global_batch, micro_batch
-        self.rank, self.world, self.seed = rank, world_size, seed
-        self.accum = accumulation_steps(global_batch, micro_batch, world_size)
-        self.updates_per_epoch = num_samples // global_batch
-        self.epoch = 0
-        self.start_update = 0
-
-    def set_epoch(self, epoch: int, start_update: int = 0) -> None:
-        if not 0 <= start_update < self.updates_per_epoch:
-            raise ValueError(f"start_update {start_update} is outside [0, {self.updates_per_epoch})")
-        self.epoch, self.start_update = epoch, start_update
-
-    def __len__(self) -> int:
-        return (self.updates_per_epoch - self.start_update) * self.accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = np.random.default_rng(stable_seed(self.seed, "ft-order", self.epoch)).permutation(self.n)
-        for u in range(self.start_update, self.updates_per_epoch):
-            chunk = perm[u * self.g:(u + 1) * self.g]
-            for a in range(self.accum):
-                j = a * self.world + self.rank
-                yield [(int(i), self.epoch) for i in chunk[j * self.m:(j + 1) * self.m]]
+def batch_sampler(num_samples: int, start: int, end: int, global_batch: int, micro_batch: int, rank: int,
+                  world_size: int, seed: int) -> GlobalBatchSampler:
+    """This rank's micro-batches of ``(index, epoch)`` keys for updates [start, end): epoch e's
+    order is a permutation seeded by ``(seed, e)``, its last incomplete global batch dropped."""
+    order = EpochOrder(num_samples, global_batch, seed, "ft-order")
+    return GlobalBatchSampler(start, end, global_batch, micro_batch, rank, world_size,
+                              key=lambda k, s: (order(k, s), order.epoch(k)))
 
 
 def _seed_step(*parts: Any) -> None:
@@ -289,11 +262,12 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     state = ResumableState(job, info)
     start, extra = state.load(model, optimizer)  # counted in updates: SIGTERM can stop mid-epoch
     train_set = ClassificationDataset(splits.train, build_train_transform(r), seed=job.seed)
-    sampler = EpochBatchSampler(len(train_set), r["global_batch"], r["micro_batch"], info.rank, info.world_size, job.seed)
+    updates = len(train_set) // r["global_batch"]  # per epoch
+    sampler = batch_sampler(len(train_set), start, r["epochs"] * updates, r["global_batch"], r["micro_batch"],
+                            info.rank, info.world_size, job.seed)
     pin = info.device.type == "cuda"
     loader = SigtermSafeDataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], pin_memory=pin,
                                    persistent_workers=False, prefetch_factor=4 if r["num_workers"] > 0 else None)
-    updates = sampler.updates_per_epoch
     start_epoch, start_update = divmod(start, updates)
     logger = job_logger(job, info, start_epoch, key="epoch")
     if info.is_main:
@@ -303,17 +277,12 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     val_loader = SigtermSafeDataLoader(Subset(val_set, list(range(info.rank, len(val_set), info.world_size))),
                                        batch_size=r["micro_batch"], num_workers=min(r["num_workers"], 4), pin_memory=pin)
 
-    def epoch_batches() -> Iterator[Any]:
-        for e in range(start_epoch, r["epochs"]):
-            sampler.set_epoch(e, start_update if e == start_epoch else 0)
-            yield from loader
-
     mixup_fn, criterion = _mixup_and_criterion(r, splits.num_classes)
     best = {"best_top1": float(extra.get("best_top1", -1.0)), "best_top5": float(extra.get("best_top5", 0.0)),
             "best_epoch": int(extra.get("best_epoch", 0)), "last_top1": extra.get("last_top1")}
     task = ClassificationTraining(
         name=f"{job.task}/{job.model}", model=model, optimizer=optimizer, recipe=r, info=info,
-        batches=epoch_batches(), start=start, total=r["epochs"] * updates, accum=accum, resume_dir=job.resume_dir,
+        batches=iter(loader), start=start, total=r["epochs"] * updates, accum=accum, resume_dir=job.resume_dir,
         progress=progress, desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}",
         job=job, state=state, logger=logger, updates=updates, val_loader=val_loader, num_classes=splits.num_classes,
         mixup_fn=mixup_fn, criterion=criterion, best=best, schedule=lr_schedule(r, updates),

@@ -7,7 +7,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,14 +134,3 @@ def write_metrics(job: FinetuneJob, info: DistInfo, metrics: dict[str, Any], sta
         write_json_atomic(record, Path(job.out_dir) / "metrics.json")
     return record
 
-
-def infinite(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) forever; calls ``sampler.set_epoch`` when there is one."""
-    epoch = start_epoch
-    while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1

@@ -43,14 +43,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from mimlib.data.coco import CocoInstances, collate
-from mimlib.data.pretrain_data import accumulation_steps, stable_seed
+from mimlib.data.sampling import EpochOrder, GlobalBatchSampler, stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,
@@ -74,7 +73,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_RECIPE",
     "METRIC_NAMES",
-    "DetectionBatchSampler",
+    "batch_sampler",
     "build_model",
     "check_recipe",
     "coco_evaluate",
@@ -95,42 +94,14 @@ def detection_lr(iteration: int, recipe: Mapping[str, Any], epoch_iters: int) ->
                         [e * epoch_iters for e in recipe["step_epochs"]], recipe["step_ratio"])
 
 
-class DetectionBatchSampler(Sampler[list[tuple[int, int]]]):
-    """This rank's micro-batches of (dataset index, augmentation seed) for iterations [start, end).
-
-    Global slot s of iteration k is image ``perm_e[(k % epoch_iters) * B + s]`` (perm_e a
-    permutation seeded by (seed, epoch e)); micro-step a of rank r takes slots
-    [a*W*m + r*m, a*W*m + (r+1)*m).
-    """
-
-    def __init__(self, num_images: int, start: int, end: int, global_batch: int, micro_batch: int,
-                 seed: int, rank: int = 0, world_size: int = 1):
-        if num_images < global_batch:
-            raise ValueError(f"{num_images} training images cannot fill a global batch of {global_batch}")
-        self.n, self.start, self.end = num_images, start, end
-        self.global_batch, self.micro = global_batch, micro_batch
-        self.seed, self.rank, self.world = seed, rank, world_size
-        self.accum = accumulation_steps(global_batch, micro_batch, world_size)
-        self.epoch_iters = num_images // global_batch
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            rng = np.random.default_rng(stable_seed(self.seed, "coco-order", epoch))
-            self._perm = (epoch, rng.permutation(self.n))
-        return self._perm[1]
-
-    def __len__(self) -> int:
-        return max(self.end - self.start, 0) * self.accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        w, m, b = self.world, self.micro, self.global_batch
-        for k in range(self.start, self.end):
-            perm = self.permutation(k // self.epoch_iters)
-            base = (k % self.epoch_iters) * b
-            for a in range(self.accum):
-                slots = range(a * w * m + self.rank * m, a * w * m + (self.rank + 1) * m)
-                yield [(int(perm[base + s]), stable_seed(self.seed, "coco-aug", k, s)) for s in slots]
+def batch_sampler(num_images: int, start: int, end: int, global_batch: int, micro_batch: int, seed: int,
+                  rank: int = 0, world_size: int = 1) -> GlobalBatchSampler:
+    """This rank's micro-batches of (dataset index, augmentation seed) for iterations [start, end):
+    global slot s of iteration k is image ``perm_e[(k % epoch_iters) * B + s]`` (perm_e a
+    permutation seeded by (seed, epoch e)), augmented with a seed of (seed, k, s)."""
+    order = EpochOrder(num_images, global_batch, seed, "coco-order", what="COCO training set")
+    return GlobalBatchSampler(start, end, global_batch, micro_batch, rank, world_size,
+                              key=lambda k, s: (order(k, s), stable_seed(seed, "coco-aug", k, s)))
 
 
 def build_model(job: FinetuneJob, num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -369,8 +340,8 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     start, extra = state.load(model, optimizer)
     epoch_iters = len(train_set) // r["global_batch"]
     total = r["epochs"] * epoch_iters
-    sampler = DetectionBatchSampler(len(train_set), start, max(total, start), r["global_batch"], r["micro_batch"],
-                                    job.seed, info.rank, info.world_size)
+    sampler = batch_sampler(len(train_set), start, max(total, start), r["global_batch"], r["micro_batch"],
+                            job.seed, info.rank, info.world_size)
     loader = SigtermSafeDataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], collate_fn=collate,
                                    pin_memory=info.device.type == "cuda", persistent_workers=False,
                                    prefetch_factor=2 if r["num_workers"] > 0 else None)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimlib.data.ade20k import IGNORE_INDEX, ADE20KTrain, ADE20KVal, _first, collate_train
-from mimlib.data.pretrain_data import GlobalBatchSampler, stable_seed
+from mimlib.data.sampling import GlobalBatchSampler, stable_seed
 from mimlib.finetune.common import (
     FinetuneJob,
     ResumableState,

@@ -21,13 +21,8 @@ from torch.utils.data import DataLoader
 
 from mimlib.data.index import read_index
 from mimlib.data.manifests import read_manifest
-from mimlib.data.pretrain_data import (
-    GlobalBatchSampler,
-    PretrainDataset,
-    ValidationDataset,
-    collate,
-    stable_seed,
-)
+from mimlib.data.pretrain_data import PretrainDataset, ValidationDataset, collate
+from mimlib.data.sampling import GlobalBatchSampler, stable_seed
 from mimlib.models.attention import use_fused_attention
 from mimlib.models.simmim import SimMIM, build_simmim
 from mimlib.provenance import recipe_hash

@@ -1,0 +1,101 @@
+"""Errors a user can cause name the file, key or value at fault, in one line (issue 12, item 6)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimlib.models.checkpoint_io import CheckpointError
+from mimlib.models.pretrained import read_encoder_state
+from mimlib.models.reference import CheckpointMismatchError, load_reference_checkpoint, to_reference_state_dict
+from mimlib.models.simmim import build_simmim
+from mimlib.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# every function a user's checkpoint path reaches
+READERS = {
+    "finetune --checkpoint": lambda p: read_encoder_state(p, "swinv2_pico"),
+    "pretrain --init / resume": lambda p: ckpt.load(p, require=("model", "iteration")),
+    "reference import": lambda p: load_reference_checkpoint(p, build_simmim("swinv2_pico", img_size=64, window_size=4)),
+}
+
+
+def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what its message must say)."""
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "random.pt").write_bytes(bytes(range(7, 250)) * 4)  # neither zip nor pickle magic
+    (tmp / "notes.pt").write_text("not a checkpoint\n")
+    return {
+        "missing": (tmp / "missing.pt", "does not exist"),
+        "empty": (tmp / "empty.pt", "is empty (0 bytes"),
+        "random": (tmp / "random.pt", "is not a PyTorch checkpoint"),
+        "text": (tmp / "notes.pt", "is not a PyTorch checkpoint"),
+        "folder": (tmp, "is a folder"),
+    }
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+@pytest.mark.parametrize("case", ["missing", "empty", "random", "text", "folder"])
+def test_unusable_checkpoint_files_get_their_own_message(tmp_path: Path, reader: str, case: str) -> None:
+    path, says = _bad_files(tmp_path)[case]
+    with pytest.raises(CheckpointError) as e:
+        READERS[reader](path)
+    msg = str(e.value)
+    assert str(path) in msg and says in msg, msg
+    assert "trust" not in msg.lower(), msg  # trusting pickles cannot help these files
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pt"
+    torch.save({"model": {"w": torch.zeros(64)}, "iteration": 3}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*cut\.pt \(200 bytes; truncated") as e:
+        ckpt.load(path)
+    assert "trust" not in str(e.value).lower()
+
+
+def test_only_a_refused_pickle_hints_trust_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "ref.pth"
+    src = build_simmim("swinv2_pico", img_size=64, window_size=4)
+    torch.save({"model": to_reference_state_dict(src), "config": argparse.Namespace(a=1)}, path)
+    with pytest.raises(CheckpointError, match=r"ref\.pth pickles .*argparse\.Namespace.*--trust-pickle"):
+        read_encoder_state(path, "swinv2_pico")
+    # a mimscale resume/init file is never a trusted pickle: no hint, says why instead
+    with pytest.raises(CheckpointError, match="mimscale checkpoints hold only tensors") as e:
+        ckpt.load(path)
+    assert "trust-pickle" not in str(e.value)
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_saved_tensor_is_not_a_checkpoint_dict(tmp_path: Path, reader: str) -> None:
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match=r"tensor\.pt holds a torch\.Tensor, not a checkpoint dict"):
+        READERS[reader](path)
+
+
+def test_an_unknown_layout_names_its_keys_and_the_known_layouts(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"weights": {"conv.weight": torch.zeros(1)}, "epoch": 3}, path)
+    for read in (READERS["finetune --checkpoint"], READERS["reference import"]):
+        with pytest.raises(CheckpointMismatchError) as e:
+            read(path)
+        msg = str(e.value)
+        assert "other.pt" in msg and "['weights', 'epoch']" in msg, msg
+        assert "mimscale cell checkpoint" in msg and "reference SimMIM checkpoint" in msg, msg
+        assert "downsample" not in msg, msg  # not the old misleading key message
+    with pytest.raises(CheckpointError, match=r"other\.pt lacks the top-level key\(s\) \['model', 'iteration'\]"):
+        READERS["pretrain --init / resume"](path)
+
+
+def test_a_reference_mismatch_names_the_file(tmp_path: Path) -> None:
+    sd = to_reference_state_dict(build_simmim("swinv2_pico", img_size=64, window_size=4))
+    del sd["encoder.norm.weight"]
+    path = tmp_path / "ref.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"ref\.pth.*missing keys: encoder\.norm\.weight"):
+        read_encoder_state(path, "swinv2_pico")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from mimlib.config import ConfigError, load_config
 from mimlib.models.checkpoint_io import CheckpointError
 from mimlib.models.pretrained import read_encoder_state
 from mimlib.models.reference import CheckpointMismatchError, load_reference_checkpoint, to_reference_state_dict
@@ -99,3 +102,35 @@ def test_a_reference_mismatch_names_the_file(tmp_path: Path) -> None:
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointMismatchError, match=r"ref\.pth.*missing keys: encoder\.norm\.weight"):
         read_encoder_state(path, "swinv2_pico")
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+BROKEN_YAML = "results: r\nmodels: [a, b\nlengths: 3\n"  # an unclosed flow sequence
+
+
+def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(BROKEN_YAML)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3:8: expected ',' or ']', but got ':'"), msg
+    assert "from line 2, column 9" in msg and "\n" not in msg, msg
+
+
+def test_a_yaml_list_is_not_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: the top level must be a mapping .* not a list"):
+        load_config(path)
+
+
+def test_snakemake_names_the_line_of_a_broken_default_config(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(BROKEN_YAML)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "config/config.yaml:3:8: expected ',' or ']', but got ':'" in proc.stdout + proc.stderr, proc.stderr[-3000:]

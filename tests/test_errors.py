@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mimlib import cli
 from mimlib.config import ConfigError, load_config
 from mimlib.models.checkpoint_io import CheckpointError
 from mimlib.models.pretrained import read_encoder_state
@@ -134,3 +135,69 @@ def test_snakemake_names_the_line_of_a_broken_default_config(tmp_path: Path) -> 
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "config/config.yaml:3:8: expected ',' or ']', but got ':'" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    # a ValueError from mimscale's own check
+    assert cli.main(["index", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "i.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimscale: error: ") and "nope" in err and err.count("\n") == 1, err
+    # a FileNotFoundError raised by a library with just the path
+    code = cli.main(["manifest", "--index", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "m.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"mimscale: error: FileNotFoundError: {tmp_path / 'none.parquet'}\n", err
+    # a config error
+    (tmp_path / "c.yaml").write_text(BROKEN_YAML)
+    assert cli.main(["check-config", str(tmp_path / "c.yaml")]) == 2
+    assert capsys.readouterr().err == f"mimscale: error: {tmp_path / 'c.yaml'}:3:8: expected ',' or ']', but got ':' " \
+                                      "(while parsing a flow sequence, from line 2, column 9)\n"
+
+
+def test_cli_checkpoint_errors_are_user_errors(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(cli, "_cmd_plan", lambda args: read_encoder_state(tmp_path / "gone.pt", "swinv2_pico"))
+    assert cli.main(["plan", "x.yaml"]) == 2
+    assert capsys.readouterr().err == f"mimscale: error: checkpoint {tmp_path / 'gone.pt'} does not exist\n"
+
+
+def test_debug_keeps_the_traceback(tmp_path: Path, monkeypatch) -> None:
+    argv = ["index", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "i.parquet")]
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    with pytest.raises(ValueError, match="nope"):
+        cli.main(["--debug", *argv])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="nope"):
+        cli.main(argv)
+
+
+def test_bugs_still_show_their_traceback(monkeypatch) -> None:
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(cli, "_cmd_plan", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["plan", "x.yaml"])
+    # a ValueError from a library (not one of mimscale's checks) is a bug too
+    monkeypatch.setattr(cli, "_cmd_plan", lambda args: torch.zeros(2).view(3))
+    with pytest.raises(RuntimeError):
+        cli.main(["plan", "x.yaml"])
+    monkeypatch.setattr(cli, "_cmd_plan", lambda args: int("x"))
+    with pytest.raises(ValueError):
+        cli.main(["plan", "x.yaml"])
+
+
+def test_bad_json_options_are_usage_errors(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune-summary", "--config-json", "{results: r}", "--out", "x.csv"])
+    assert e.value.code == 2
+    assert "argument --config-json: not valid JSON" in capsys.readouterr().err
+
+
+def test_python_m_mimlib_prints_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(BROKEN_YAML)
+    proc = subprocess.run([sys.executable, "-m", "mimlib", "check-config", str(tmp_path / "c.yaml")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"mimscale: error: {tmp_path / 'c.yaml'}:3:8: ") and "Traceback" not in proc.stderr

@@ -105,6 +105,27 @@ def test_a_reference_mismatch_names_the_file(tmp_path: Path) -> None:
         read_encoder_state(path, "swinv2_pico")
 
 
+def test_pretrain_init_names_what_the_file_lacks(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mimlib.train.pretrain import _find_start
+
+    path = tmp_path / "init.pt"
+    torch.save({"weights": {}}, path)
+    job = SimpleNamespace(resume_dir=tmp_path / "resume", end_iter=8, init=path, recipe={})
+    with pytest.raises(CheckpointError, match=r"init\.pt lacks the top-level key\(s\) \['model', 'iteration'\]"):
+        _find_start(job, SimpleNamespace(device=torch.device("cpu")))
+
+
+def test_a_reconstruction_checkpoint_names_what_it_lacks(tmp_path: Path) -> None:
+    from mimlib.analysis.reconstruction import load_simmim
+
+    path = tmp_path / "cell.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match=r"cell\.pt lacks the top-level key\(s\) \['model_name', 'recipe'\]"):
+        load_simmim(path)
+
+
 # --- YAML ------------------------------------------------------------------------------------
 
 BROKEN_YAML = "results: r\nmodels: [a, b\nlengths: 3\n"  # an unclosed flow sequence
@@ -188,11 +209,17 @@ def test_bugs_still_show_their_traceback(monkeypatch) -> None:
         cli.main(["plan", "x.yaml"])
 
 
-def test_bad_json_options_are_usage_errors(capsys) -> None:
+def test_bad_json_options_and_model_names_are_usage_errors(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(["finetune-summary", "--config-json", "{results: r}", "--out", "x.csv"])
     assert e.value.code == 2
     assert "argument --config-json: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain", "--model", "swinv2_tiny", "--recipe-json", "{}", "--manifest", "m", "--end-iter", "8",
+                  "--out", "o.pt", "--resume-dir", "r"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model: invalid choice: 'swinv2_tiny'" in err and "swinv2_pico" in err, err
 
 
 def test_python_m_mimlib_prints_no_traceback(tmp_path: Path) -> None:

@@ -62,6 +62,18 @@ def test_a_truncated_checkpoint_is_named(tmp_path: Path) -> None:
     assert "trust" not in str(e.value).lower()
 
 
+def test_running_out_of_memory_is_not_called_a_damaged_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "fine.pt"
+    torch.save({"model": {}, "iteration": 0}, path)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "load", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ckpt.load(path)
+
+
 def test_only_a_refused_pickle_hints_trust_pickle(tmp_path: Path) -> None:
     path = tmp_path / "ref.pth"
     src = build_simmim("swinv2_pico", img_size=64, window_size=4)

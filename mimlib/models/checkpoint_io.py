@@ -101,7 +101,8 @@ def read_checkpoint(
                 f"{path} pickles Python objects that the safe loader refuses ({_refused_object(exc)}); "
                 f"reference checkpoints pickle their config: {trust_hint}"
             ) from exc
-        # torch's first sentence says what failed; the rest is generic advice
+        if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+            raise  # the file may be fine: do not call it damaged
         text = str(exc).strip() or type(exc).__name__
         first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]  # torch's first sentence; the rest is advice
         raise CheckpointError(
@@ -112,10 +113,7 @@ def read_checkpoint(
         kind = type(obj).__qualname__
         if type(obj).__module__ != "builtins":
             kind = f"{type(obj).__module__}.{kind}"
-        raise CheckpointError(
-            f"{path} holds a {kind}, not a checkpoint dict"
-            + (" (a state dict saved as one tensor?)" if isinstance(obj, torch.Tensor) else "")
-        )
+        raise CheckpointError(f"{path} holds a {kind}, not a checkpoint dict")
     missing = [k for k in require if k not in obj]
     if missing:
         raise CheckpointError(

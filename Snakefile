@@ -10,6 +10,15 @@ min_version("9.0")
 # The embedded demo, unless --configfile names a study (which then replaces it whole,
 # rather than being merged into it key by key).
 if not workflow.overwrite_configfiles:
+    from mimlib.config import ConfigError, read_yaml
+
+    # Snakemake's own message for a YAML error names neither file nor line; this one does.
+    # (A --configfile is read by Snakemake before this file runs: check it with
+    # `python -m mimlib check-config FILE`.)
+    try:
+        read_yaml("config/config.yaml")
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
 
     configfile: "config/config.yaml"
 

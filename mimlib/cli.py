@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from mimlib.finetune import DEMO_TASKS, TASKS
+from mimlib.models.registry import MODELS
 
 
 def _cmd_seed_study(args: argparse.Namespace) -> int:
@@ -178,9 +180,20 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_text(text: str) -> str:
+    """argparse type of the ``--*-json`` options: a parse error is a usage error naming the option."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimlib", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("seed-study", help="write a seed study's config and print its targets (make demo-seeds)")
@@ -199,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo-data", help="write the embedded demo image folder (no download)")
     s.add_argument("--out", required=True)
-    s.add_argument("--spec-json", help="ClassificationDemoSpec fields as JSON")
+    s.add_argument("--spec-json", type=_json_text, help="ClassificationDemoSpec fields as JSON")
     s.set_defaults(func=_cmd_demo_data)
 
     s = sub.add_parser("index", help="index an ImageNet-layout folder into Parquet")
@@ -217,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_manifest)
 
     s = sub.add_parser("pretrain", help="run SimMIM pre-training iterations [start, end) of one job")
-    s.add_argument("--model", required=True)
-    s.add_argument("--recipe-json", required=True, help="the model's pre-training recipe (config 'pretrain')")
+    s.add_argument("--model", required=True, choices=sorted(MODELS))
+    s.add_argument("--recipe-json", type=_json_text, required=True, help="the model's pre-training recipe (config 'pretrain')")
     s.add_argument("--manifest", required=True)
     s.add_argument("--end-iter", type=int, required=True)
     s.add_argument("--decay-at", type=int, help="iteration of the x0.1 lr step (omit for a trunk)")
@@ -230,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-index")
     s.add_argument("--val-max-images", type=int)
     s.add_argument("--metrics-out")
-    s.add_argument("--cell-json")
+    s.add_argument("--cell-json", type=_json_text)
     s.add_argument("--no-optimizer", action="store_true", help="leave AdamW state out of --out")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
@@ -239,26 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("task-demo", help="write a fine-tuning task's demo set in its real format")
     s.add_argument("--task", required=True, choices=DEMO_TASKS)
     s.add_argument("--out", required=True)
-    s.add_argument("--spec-json")
+    s.add_argument("--spec-json", type=_json_text)
     s.set_defaults(func=_cmd_task_demo)
 
     s = sub.add_parser("finetune", help="fine-tune a pre-trained cell (or scratch) on one task")
     s.add_argument("--task", required=True, choices=list(TASKS))
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, choices=sorted(MODELS))
     s.add_argument("--checkpoint", help="pre-trained checkpoint (mimscale cell or reference SimMIM); omit for scratch")
     s.add_argument("--trust-pickle", action="store_true", help="allow reference checkpoints that pickle objects")
-    s.add_argument("--recipe-json", required=True)
-    s.add_argument("--data-json", required=True)
+    s.add_argument("--recipe-json", type=_json_text, required=True)
+    s.add_argument("--data-json", type=_json_text, required=True)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--resume-dir", required=True)
-    s.add_argument("--cell-json")
+    s.add_argument("--cell-json", type=_json_text)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("finetune-summary", help="collect fine-tuning metrics of a study")
-    s.add_argument("--config-json", required=True)
+    s.add_argument("--config-json", type=_json_text, required=True)
     s.add_argument("--results", default="results")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_cmd_finetune_summary)
@@ -271,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="collect pre-training metrics and curves of a study")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--config")
-    g.add_argument("--config-json")
+    g.add_argument("--config-json", type=_json_text)
     s.add_argument("--results", default="results")
     s.add_argument("--out", required=True)
     s.add_argument("--curves", required=True)
@@ -279,25 +292,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEBUG_ENV = "MIMSCALE_DEBUG"
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _user_error(exc: BaseException) -> bool:
+    """An expected mistake in what the user gave (the message names it), not a bug in mimscale."""
+    from mimlib.config import ConfigError
+    from mimlib.models.checkpoint_io import CheckpointError
+
+    if isinstance(exc, (ConfigError, CheckpointError)):
+        return True
+    distributed = sys.modules.get("mimlib.train.distributed")  # loaded by the training commands
+    if distributed is not None and isinstance(exc, distributed.DeviceError):
+        return True
+    if isinstance(exc, OSError):  # a path that is missing, unreadable, a folder...
+        return exc.filename is not None or isinstance(exc, _PATH_ERRORS)
+    if isinstance(exc, ValueError):  # mimscale's own checks of an argument or file; not a library's
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("mimlib.")
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. An expected user error prints ``mimscale: error: <message>`` on stderr
+    and returns 2 (argparse's usage errors exit 2 too); ``--debug`` or ``MIMSCALE_DEBUG=1``
+    shows its traceback instead. Anything else (a bug) raises with its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from mimlib.config import ConfigError
-
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0") or not _user_error(exc):
+            raise
+        # pyarrow & co raise FileNotFoundError(path): say what the bare path means
+        bare = isinstance(exc, OSError) and exc.filename is None
+        print(f"mimscale: error: {type(exc).__name__ + ': ' if bare else ''}{exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        distributed = sys.modules.get("mimlib.train.distributed")  # loaded by the training commands
-        if distributed is not None and isinstance(exc, distributed.DeviceError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -225,16 +225,43 @@ def finetune_cells(cfg: Mapping[str, Any]) -> list[FinetuneCell]:
     return cells
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True) -> dict[str, Any]:
-    """Read a YAML config, apply ``overrides`` (a shallow dict update) and validate it."""
+def _mark(mark) -> str:  # a yaml Mark: 0-based line and column
+    return f"{mark.line + 1}:{mark.column + 1}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping ({} when empty); raises ConfigError naming the file, and
+    for a syntax error ``FILE:LINE:COLUMN: problem`` (the Snakefile uses it for the same message)."""
     path = Path(path)
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{_mark(mark)}" if mark is not None else str(path)
+        problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem:
+            cm = exc.context_mark
+            started = f", from line {cm.line + 1}, column {cm.column + 1}" if cm is not None and cm != mark else ""
+            problem += f" ({exc.context}{started})"
+        raise ConfigError(f"{where}: {problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, not a {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True) -> dict[str, Any]:
+    """Read a YAML config, apply ``overrides`` (a shallow dict update) and validate it."""
+    path = Path(path)
+    raw = read_yaml(path)
     raw.update(overrides or {})
     try:
         return validate_config(raw, check_paths=check_paths)

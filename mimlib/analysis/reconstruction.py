@@ -69,7 +69,7 @@ def load_simmim(checkpoint: str | Path):
     from mimlib.models.simmim import build_simmim
     from mimlib.train.checkpoint import load
 
-    state = load(checkpoint)
+    state = load(checkpoint, require=("model_name", "recipe", "model"))
     r = state["recipe"]
     model = build_simmim(state["model_name"], img_size=r["img_size"], window_size=r["window_size"],
                          drop_path_rate=0.0, decoder=r["decoder"], loss=r["loss"],

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-from mimlib.models.reference import load_reference_checkpoint
+from mimlib.models.checkpoint_io import CheckpointError, describe_keys, read_checkpoint
+from mimlib.models.reference import CheckpointMismatchError, load_reference_checkpoint, reference_state_dict
 from mimlib.models.simmim import build_simmim, encoder_state_dict
 from mimlib.models.swinv2 import build_encoder, get_spec
 
@@ -30,22 +31,21 @@ def stage_windows(img_size: int, window_size: int, depths_len: int = 4, patch_si
 def read_encoder_state(
     checkpoint: str | os.PathLike | Mapping[str, Any], model_name: str, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(encoder state dict with timm keys, info) from a mimscale or reference checkpoint."""
+    """(encoder state dict with timm keys, info) from a mimscale or reference checkpoint.
+
+    A file that is missing, empty, not a PyTorch checkpoint, not a dict, or a dict in none of
+    the :data:`~mimlib.models.checkpoint_io.LAYOUTS` raises a CheckpointError naming it.
+    """
     if isinstance(checkpoint, Mapping):
-        state = checkpoint
+        state, name = checkpoint, "the checkpoint dict"
     else:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            if not trust_pickle:
-                raise RuntimeError(
-                    f"cannot read {checkpoint} safely ({exc}); reference checkpoints pickle their "
-                    "config: pass trust_pickle=True only for files you trust"
-                ) from exc
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state, name = read_checkpoint(checkpoint, trust_pickle=trust_pickle), os.fspath(checkpoint)
     if "model_name" in state and "recipe" in state:  # a mimscale checkpoint
         if state["model_name"] != model_name:
-            raise ValueError(f"{checkpoint} holds a {state['model_name']}, not a {model_name}")
+            raise ValueError(f"{name} holds a {state['model_name']}, not a {model_name}")
+        if not isinstance(state.get("model"), Mapping):
+            raise CheckpointError(f"{name} is a mimscale checkpoint without its 'model' state dict "
+                                  f"(keys {describe_keys(state)})")
         prefix = "encoder."
         enc = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
         recipe = state["recipe"]
@@ -57,8 +57,12 @@ def read_encoder_state(
         }
         return enc, info
     # The reference layout: load into a SimMIM of that size through the key converter.
+    reference_state_dict(state, name)  # another layout fails here, before a model is built
     simmim = build_simmim(model_name, img_size=192, window_size=12, drop_path_rate=0.0)
-    load_reference_checkpoint(state, simmim, strict=True)
+    try:
+        load_reference_checkpoint(state, simmim, strict=True)
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{name}: {exc}") from None
     info = {"format": "reference", "iteration": None, "pretrain_img_size": 192, "pretrain_window_size": 12}
     return encoder_state_dict(simmim), info
 

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn
 
+from .checkpoint_io import CheckpointError, read_checkpoint, unknown_layout
 from .simmim import SimMIM
 
 __all__ = [
     "CheckpointMismatchError",
     "load_reference_checkpoint",
+    "reference_state_dict",
     "to_reference_state_dict",
     "REFERENCE_BUFFERS",
 ]
@@ -41,8 +43,9 @@ __all__ = [
 REFERENCE_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A reference checkpoint does not fit the model (keys named in the message)."""
+class CheckpointMismatchError(CheckpointError):
+    """A reference checkpoint cannot be loaded into the model: unreadable, in another layout, or
+    with keys that do not fit (named in the message)."""
 
 
 def _downsample_ours_to_ref(key: str) -> str:
@@ -81,16 +84,24 @@ def to_reference_state_dict(model: SimMIM, include_buffers: bool = False) -> dic
 def _read(path_or_dict: str | os.PathLike | Mapping[str, Any], trust_pickle: bool) -> Mapping:
     if isinstance(path_or_dict, Mapping):
         return path_or_dict
-    try:
-        return torch.load(path_or_dict, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as e:  # weights_only refuses e.g. the reference's yacs config object
-        if trust_pickle:
-            raise
-        raise CheckpointMismatchError(
-            f"could not read {os.fspath(path_or_dict)!r} with torch.load(weights_only=True) ({e}); "
-            "reference checkpoints also pickle their config: pass trust_pickle=True for a file "
-            "you trust"
-        ) from e
+    try:  # weights_only unless trusted: the reference pickles its yacs config
+        return read_checkpoint(path_or_dict, trust_pickle=trust_pickle)
+    except CheckpointError as exc:  # this module's callers catch CheckpointMismatchError
+        raise CheckpointMismatchError(str(exc)) from exc
+
+
+def reference_state_dict(ckpt: Mapping[str, Any], name: str = "the checkpoint dict") -> dict[str, Any]:
+    """The model state dict of a full or bare reference checkpoint, ``module.`` prefixes dropped.
+
+    Raises :class:`CheckpointMismatchError` naming ``name``, its keys and the understood
+    layouts when ``ckpt`` holds no ``encoder.*`` weights (e.g. a dict keyed ``weights``).
+    """
+    sd = ckpt.get("model", ckpt)
+    if isinstance(sd, Mapping):
+        sd = {k[7:] if isinstance(k, str) and k.startswith("module.") else k: v for k, v in sd.items()}
+    if not isinstance(sd, Mapping) or not any(isinstance(k, str) and k.startswith("encoder.") for k in sd):
+        raise CheckpointMismatchError(unknown_layout(name, ckpt))
+    return sd
 
 
 def _fmt(keys: list[str], limit: int = 20) -> str:
@@ -112,8 +123,8 @@ def load_reference_checkpoint(
     recomputable buffers are dropped silently.
     """
     ckpt = _read(path_or_dict, trust_pickle)
-    sd = ckpt.get("model", ckpt)
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    name = "the checkpoint dict" if isinstance(path_or_dict, Mapping) else os.fspath(path_or_dict)
+    sd = reference_state_dict(ckpt, name)
 
     enc: dict[str, torch.Tensor] = {}
     ours: dict[str, torch.Tensor] = {}
@@ -173,7 +184,8 @@ def load_reference_checkpoint(
                 "shape mismatch (key, checkpoint, model): "
                 + _fmt([f"{k} {a} vs {b}" for k, a, b in mismatched])
             )
-        raise CheckpointMismatchError("reference checkpoint does not fit the model; " + "; ".join(parts))
+        label = "reference checkpoint" + ("" if isinstance(path_or_dict, Mapping) else f" {name}")
+        raise CheckpointMismatchError(f"{label} does not fit the model; " + "; ".join(parts))
     bad = {k for k in expected.keys() & ours.keys() if ours[k].shape != expected[k].shape}
     load = {k: v for k, v in ours.items() if k in expected and k not in bad}
     model.load_state_dict(load, strict=strict)

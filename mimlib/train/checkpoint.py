@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mimlib.models.checkpoint_io import CheckpointError, read_checkpoint  # noqa: F401 (re-exported)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -29,12 +32,16 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: name it
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu", require: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Load a mimscale checkpoint dict with ``weights_only=True`` (no arbitrary code from pickles).
+
+    A missing, empty, foreign, damaged or non-dict file, or one without the top-level keys in
+    ``require``, raises :class:`~mimlib.models.checkpoint_io.CheckpointError` (a RuntimeError)
+    naming the file and what is wrong.
+    """
+    return read_checkpoint(path, map_location, trust_hint=None, require=require)
 
 
 _ROLLING = re.compile(r"^iter_(\d+)\.pt$")

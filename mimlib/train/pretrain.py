@@ -145,7 +145,7 @@ def _find_start(job: PretrainJob, info: DistInfo) -> tuple[int, dict[str, Any] |
             )
         return it, state, str(path)
     if job.init is not None:
-        state = ckpt.load(job.init, map_location=info.device)
+        state = ckpt.load(job.init, map_location=info.device, require=("model", "iteration"))
         if state["iteration"] > job.end_iter:
             raise ValueError(f"{job.init} is at iteration {state['iteration']}, past this job's end {job.end_iter}")
         return state["iteration"], state, str(job.init)

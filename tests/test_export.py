@@ -146,6 +146,24 @@ def test_finetuning_from_a_reference_export_uses_its_pretraining_windows(tmp_pat
     torch.testing.assert_close(_features(encoder, x), _features(direct, x), rtol=0, atol=0)
 
 
+def test_docs_finetuning_recipe_builds_the_encoder_mimscale_finetunes(tmp_path, tiny_recipe):
+    # docs/export.md: the task's size + the exported pre-training windows, headless strict
+    # load, then reset_classifier: the same encoder as mimscale's own fine-tuning start.
+    ckpt, _ = _cell(tmp_path, "swinv2_pico3", _recipe(tiny_recipe, 96, 6))
+    out = export_cell(ckpt, tmp_path / "export", ("timm",))["timm"]
+    cfg = json.loads((out / "config.json").read_text())
+    size = dict(img_size=128, window_size=8, pretrained_window_sizes=cfg["mimscale"]["finetune_pretrained_window_sizes"])
+    model = SwinTransformerV2(**{**cfg["model_args"], **size}, drop_path_rate=0.2)
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    model.reset_classifier(10)
+    ours, info = build_finetune_encoder("swinv2_pico3", ckpt, img_size=128, window_size=8, drop_path_rate=0.2)
+    assert tuple(size["pretrained_window_sizes"]) == info["pretrained_window_sizes"] == (6, 6, 6)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_features(model, x), _features(ours, x), rtol=0, atol=0)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
 def test_cli_export_writes_both_formats(tmp_path, tiny_recipe, capsys):
     ckpt, _ = _cell(tmp_path, "swinv2_pico3", _recipe(tiny_recipe, 96, 6))
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "e")]) == 0

@@ -181,3 +181,13 @@ def test_cli_export_names_a_file_that_is_not_a_cell(tmp_path, capsys):
     assert str(bad) in err and "not a mimscale pre-training checkpoint" in err
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "e")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    assert main(["export", "--checkpoint", str(text), "--out", str(tmp_path / "e")]) == 2
+    assert f"cannot read {text}" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"model": {}, "model_name": "swinv2_xxl", "recipe": {}}, unknown)
+    assert main(["export", "--checkpoint", str(unknown), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert str(unknown) in err and "unknown model 'swinv2_xxl'" in err
+    assert not (tmp_path / "e").exists()

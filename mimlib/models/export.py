@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from timm.models import create_model
-from timm.models._hub import save_for_hf
+from timm.models import create_model, save_for_hf
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from mimlib.models.pretrained import stage_windows
@@ -81,13 +80,20 @@ def load_cell(checkpoint: str | os.PathLike | Mapping[str, Any]) -> tuple[SimMIM
         where = os.fspath(checkpoint)
         if not Path(where).is_file():
             raise FileNotFoundError(f"no checkpoint at {where}")
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    missing = [k for k in ("model", "model_name", "recipe") if k not in state]
+        try:
+            state = torch.load(where, map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, or one that pickles objects
+            raise ValueError(f"cannot read {where} as a mimscale pre-training checkpoint: {exc}") from exc
+    missing = [k for k in ("model", "model_name", "recipe") if not isinstance(state, Mapping) or k not in state]
     if missing:
         raise ValueError(
             f"{where} is not a mimscale pre-training checkpoint (no {', '.join(missing)}); "
             "export reads results/pretrain/<model>/<dataset>/<length>/checkpoint.pt"
         )
+    try:
+        get_spec(state["model_name"])
+    except KeyError as exc:
+        raise ValueError(f"{where}: {exc.args[0]}") from None
     r = state["recipe"]
     model = build_simmim(
         state["model_name"], img_size=r["img_size"], window_size=r["window_size"], drop_path_rate=0.0,

@@ -13,7 +13,15 @@ from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from mimlib.cli import main
-from mimlib.models import MaskGenerator, SimMIM, build_encoder, build_simmim, load_reference_checkpoint
+from mimlib.models import (
+    REFERENCE_BUFFERS,
+    MaskGenerator,
+    SimMIM,
+    build_encoder,
+    build_simmim,
+    load_reference_checkpoint,
+    to_reference_state_dict,
+)
 from mimlib.models.export import TIMM_NAMES, export_cell, export_reference
 from mimlib.models.pretrained import build_finetune_encoder
 from mimlib.train.pretrain import PretrainJob, _state
@@ -24,15 +32,17 @@ def _recipe(tiny_recipe: dict, img_size: int, window_size: int, **kw) -> dict:
 
 
 def _cell(tmp_path: Path, model_name: str, recipe: dict, seed: int = 0) -> tuple[Path, SimMIM]:
-    """A cell checkpoint in pre-training's own format, weights moved off their init (the
-    init has constant logit scales and zero biases, which would hide a mis-mapped key)."""
+    """A cell checkpoint in pre-training's own format, with the parameters that timm's init
+    sets to constants (biases, norms, logit scales) made random: equal values would hide a
+    mis-mapped key. The weight matrices are random already."""
     torch.manual_seed(seed)
     model = build_simmim(model_name, img_size=recipe["img_size"], window_size=recipe["window_size"],
                          drop_path_rate=0.0, decoder=recipe["decoder"], loss=recipe["loss"],
                          norm_target_window=recipe["norm_target_window"]).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or name.endswith("logit_scale"):
+                p.add_(0.05 * torch.randn_like(p))
     path = tmp_path / "results" / "pretrain" / model_name / "in1k_10" / "96" / "checkpoint.pt"
     path.parent.mkdir(parents=True)
     job = PretrainJob(model=model_name, recipe=recipe, manifest=tmp_path / "m.parquet", end_iter=96,
@@ -113,6 +123,12 @@ def test_reference_export_round_trip_gives_the_same_loss(tmp_path, tiny_recipe):
     assert "encoder.layers.2.blocks.1.attn_mask" in saved["model"]
     assert saved["config"]["MODEL"]["SWINV2"]["EMBED_DIM"] == 32
     assert saved["config"]["DATA"]["IMG_SIZE"] == 128 and saved["config"]["MODEL"]["SWINV2"]["WINDOW_SIZE"] == 4
+    # The reference's persistent buffers: the values timm computes for the trained model.
+    want_buffers = to_reference_state_dict(model, include_buffers=True)
+    buffers = [k for k in want_buffers if k.rsplit(".", 1)[-1] in REFERENCE_BUFFERS]
+    assert len(buffers) == 2 * 6 + 1  # two tables in each of the 6 blocks, one mask (the shifted block)
+    for k in buffers:
+        assert torch.equal(saved["model"][k], want_buffers[k]), k
     x, mask = _batch(128, 32)
     torch.manual_seed(5)
     fresh = build_simmim("swinv2_nano", img_size=128, window_size=4, drop_path_rate=0.0).eval()

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 from timm.models import create_model, save_for_hf
+from timm.models._manipulate import reinit_non_persistent_buffers
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from mimlib.models.pretrained import stage_windows
@@ -95,11 +96,16 @@ def load_cell(checkpoint: str | os.PathLike | Mapping[str, Any]) -> tuple[SimMIM
     except KeyError as exc:
         raise ValueError(f"{where}: {exc.args[0]}") from None
     r = state["recipe"]
-    model = build_simmim(
-        state["model_name"], img_size=r["img_size"], window_size=r["window_size"], drop_path_rate=0.0,
-        decoder=r["decoder"], loss=r["loss"], norm_target_window=r["norm_target_window"],
-    )
+    # Built without weight init (minutes for SwinV2-g on CPU), every weight comes from the file;
+    # timm then recomputes the position tables and attention masks it does not store.
+    with torch.device("meta"):
+        model = build_simmim(
+            state["model_name"], img_size=r["img_size"], window_size=r["window_size"], drop_path_rate=0.0,
+            decoder=r["decoder"], loss=r["loss"], norm_target_window=r["norm_target_window"],
+        )
+    model.to_empty(device="cpu")
     model.load_state_dict(state["model"], strict=True)
+    reinit_non_persistent_buffers(model)
     return model.eval(), dict(state)
 
 

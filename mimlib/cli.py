@@ -189,6 +189,15 @@ def _json_text(text: str) -> str:
     return text
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mimlib.models.export import export_cell
+
+    written = export_cell(args.checkpoint, args.out, tuple(args.format))  # a bad file: main's one-line error
+    for fmt, path in written.items():
+        print(f"{fmt}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimlib", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -280,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--jobs", action="store_true", help="list every job with its GPUs and hours")
     s.set_defaults(func=_cmd_plan)
+
+    s = sub.add_parser("export", help="write a cell's encoder for timm (safetensors) and in the reference SimMIM layout")
+    s.add_argument("--checkpoint", required=True, help="results/pretrain/<model>/<dataset>/<length>/checkpoint.pt")
+    s.add_argument("--out", required=True, help="folder to write <out>/timm/ and <out>/reference/checkpoint.pth into")
+    s.add_argument("--format", nargs="+", choices=["timm", "reference"], default=["timm", "reference"])
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("summary", help="collect pre-training metrics and curves of a study")
     g = s.add_mutually_exclusive_group(required=True)

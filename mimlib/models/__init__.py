@@ -13,6 +13,7 @@ _EXPORTS = {
     "DECODERS": "decoders", "TransformerDecoder": "decoders", "build_decoder": "decoders",
     "linear_decoder": "decoders", "register_decoder": "decoders",
     "encoder_gflops": "flops",
+    "TIMM_NAMES": "export", "export_cell": "export", "export_reference": "export", "export_timm": "export",
     "MaskGenerator": "masking",
     "REFERENCE_BUFFERS": "reference", "CheckpointMismatchError": "reference",
     "load_reference_checkpoint": "reference", "to_reference_state_dict": "reference",

@@ -58,13 +58,27 @@ def read_encoder_state(
         return enc, info
     # The reference layout: load into a SimMIM of that size through the key converter.
     reference_state_dict(state, name)  # another layout fails here, before a model is built
-    simmim = build_simmim(model_name, img_size=192, window_size=12, drop_path_rate=0.0)
+    img_size, window_size = _reference_sizes(state)
+    simmim = build_simmim(model_name, img_size=img_size, window_size=window_size, drop_path_rate=0.0)
     try:
         load_reference_checkpoint(state, simmim, strict=True)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{name}: {exc}") from None
-    info = {"format": "reference", "iteration": None, "pretrain_img_size": 192, "pretrain_window_size": 12}
+    info = {"format": "reference", "iteration": None, "pretrain_img_size": img_size,
+            "pretrain_window_size": window_size}
     return encoder_state_dict(simmim), info
+
+
+def _reference_sizes(state: Mapping[str, Any]) -> tuple[int, int]:
+    """Pre-training image and window size of a reference checkpoint: its config's
+    DATA.IMG_SIZE / MODEL.SWINV2.WINDOW_SIZE (the reference's yacs config, or the plain dict
+    ``mimscale export`` writes), else the paper's 192 / 12."""
+    cfg = state.get("config")
+    if not isinstance(cfg, Mapping):
+        return 192, 12
+    img = (cfg.get("DATA") or {}).get("IMG_SIZE", 192)
+    win = ((cfg.get("MODEL") or {}).get("SWINV2") or {}).get("WINDOW_SIZE", 12)
+    return int(img), int(win)
 
 
 def build_finetune_encoder(

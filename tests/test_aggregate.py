@@ -445,7 +445,7 @@ def test_report_captions_render() -> None:
     from jinja2 import Environment
 
     rules = (ROOT / "workflow/rules/aggregate.smk").read_text()
-    extra = {"overfitting", "proxy", "scaling", "findings"}
+    extra = {"overfitting", "proxy", "scaling", "reproduction", "findings"}
     names = {*(f"table{i}" for i in range(1, 10)), *(f"fig{i}" for i in range(1, 9)), *extra}
     # one row of AGG_TARGETS per target, each with the report entry (shown=) its rule gets
     rows = re.findall(r'^    "(\w+)": dict\((.*?)\),?\n(?=    "|    #|})', rules, re.M | re.S)

@@ -428,6 +428,7 @@ def test_snakemake_targets_and_report(tmp_path, images) -> None:
     table3 = pd.read_csv(results / "tables/table3.csv").set_index("model")
     assert table3.at["swinv2_nano", "full"] == pytest.approx(max(score("in1k", "swinv2_nano", "full", n)["top1"] for n in LENGTHS))
     assert (results / "figures/fig7.png").stat().st_size > 10_000 and (results / "figures/fig7.pdf").exists()
+    assert (results / "logs/aggregate/table3.log").exists()  # each target's own log (snakemake --lint)
     report = tmp_path / "report.html"
     rep = _snakemake(tmp_path, snakefile, *targets, "--report", str(report))
     assert rep.returncode == 0, (rep.stdout + rep.stderr)[-4000:]

@@ -138,6 +138,8 @@ for agg_name, agg_spec in AGG_TARGETS.items():
             unpack(agg_input(agg_spec)),
         output:
             **agg_outputs(agg_name, *agg_spec["shown"]),
+        log:
+            agg_path("logs/aggregate/{name}.log", name=agg_name),
         resources:
             **(AGG_HEAVY if agg_spec.get("heavy") else AGG_RESOURCES),
         params:

@@ -428,6 +428,7 @@ def test_snakemake_targets_and_report(tmp_path, images) -> None:
     table3 = pd.read_csv(results / "tables/table3.csv").set_index("model")
     assert table3.at["swinv2_nano", "full"] == pytest.approx(max(score("in1k", "swinv2_nano", "full", n)["top1"] for n in LENGTHS))
     assert (results / "figures/fig7.png").stat().st_size > 10_000 and (results / "figures/fig7.pdf").exists()
+    assert (results / "logs/aggregate/table3.log").exists()  # each target's own log (snakemake --lint)
     report = tmp_path / "report.html"
     rep = _snakemake(tmp_path, snakefile, *targets, "--report", str(report))
     assert rep.returncode == 0, (rep.stdout + rep.stderr)[-4000:]
@@ -445,7 +446,7 @@ def test_report_captions_render() -> None:
     from jinja2 import Environment
 
     rules = (ROOT / "workflow/rules/aggregate.smk").read_text()
-    extra = {"overfitting", "proxy", "scaling", "findings"}
+    extra = {"overfitting", "proxy", "scaling", "reproduction", "findings"}
     names = {*(f"table{i}" for i in range(1, 10)), *(f"fig{i}" for i in range(1, 9)), *extra}
     # one row of AGG_TARGETS per target, each with the report entry (shown=) its rule gets
     rows = re.findall(r'^    "(\w+)": dict\((.*?)\),?\n(?=    "|    #|})', rules, re.M | re.S)

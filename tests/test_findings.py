@@ -1,6 +1,6 @@
 """The findings page (mimlib/analysis/findings.py): each rule on hand-made results whose verdicts
 are known (holds, does not hold, not testable), on the paper's own numbers (Tables 3-6 in
-tests/data/paper_tables.csv, Tables 8 and 9 below), and end to end on a smoke-shaped results
+mimlib/analysis/paper_values.csv, Tables 8 and 9 below), and end to end on a smoke-shaped results
 tree through the workflow's ``findings`` rule and ``snakemake --report``."""
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from mimlib.analysis.overfitting import COLUMNS as OVERFIT_COLUMNS
 from mimlib.analysis.tables import table7
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = ROOT / "tests" / "data" / "paper_tables.csv"
 
 # ------------------------------------------------------------------ hand-made results
 MODELS = ["small", "big"]  # "big" is the largest
@@ -237,7 +236,12 @@ def test_sampling_rule_on_the_paper_and_a_failing_case() -> None:
 
 # ------------------------------------------------------------------ the paper's own numbers (Tables 3-6)
 def paper_tables() -> pd.DataFrame:
-    return pd.read_csv(PAPER, comment="#")
+    """The shipped transcription (one row per number) as one row per table row, a column per dataset."""
+    from mimlib.analysis.paper import paper_values
+
+    wide = paper_values().pivot_table(index=["table", "task", "metric", "model", "length"], columns="dataset",
+                                      values="value").reset_index()
+    return wide.assign(length=wide["length"].where(wide["table"] != 3))  # Table 3: no length
 
 
 DS = ["in1k_10", "in1k_20", "in1k_50", "in1k_100", "in22k"]

@@ -48,15 +48,15 @@ def test_miou_matches_hand_computation_and_ignores_255() -> None:
     assert torch.equal(conf.mat, expected)
     m = seg.miou_from_confusion(conf.mat)
     # IoU: class 0 = 1 / (2 + 2 - 1) = 1/3; class 1 = 2 / (2 + 3 - 2) = 2/3; class 2 = 0 / 1 = 0
-    assert m["per_class_iou"][:3] == pytest.approx([1 / 3, 2 / 3, 0.0])
+    assert m["per_class_iou"][:3] == pytest.approx([100 / 3, 200 / 3, 0.0])  # percent
     assert math.isnan(m["per_class_iou"][3])
-    assert m["miou"] == pytest.approx(1 / 3)  # (1/3 + 2/3 + 0) / 3
-    assert m["acc"] == pytest.approx(3 / 5)  # 3 right of 5 labelled pixels
+    assert m["miou"] == pytest.approx(100 / 3)  # (1/3 + 2/3 + 0) / 3, in percent
+    assert m["acc"] == pytest.approx(60.0)  # 3 right of 5 labelled pixels
     # Dataset-wide: a second image is added to the same matrix, not averaged per image.
     conf.update(torch.tensor([3, 3]), torch.tensor([3, 255]))
     m2 = seg.miou_from_confusion(conf.mat)
-    assert m2["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0 + 1) / 4)
-    assert m2["acc"] == pytest.approx(4 / 6)
+    assert m2["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0 + 1) / 4)
+    assert m2["acc"] == pytest.approx(100 * 4 / 6)
     with pytest.raises(ValueError, match="outside"):
         conf.update(torch.tensor([0]), torch.tensor([7]))
 
@@ -187,7 +187,7 @@ def test_run_resumes_after_a_nan_stop_to_the_same_weights(tmp_path: Path, ade_ro
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     over = dict(iters=3, checkpoint_every=2, save_weights=True)
     ref = seg.run(_job(tmp_path, ade_root, "ref", **over), progress=False)
-    assert set(ref["metrics"]) == {"miou", "acc"} and 0.0 <= ref["metrics"]["acc"] <= 1.0
+    assert set(ref["metrics"]) == {"miou", "acc"} and 0.0 <= ref["metrics"]["acc"] <= 100.0
     saved = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     assert len(saved["per_class_iou"]) == 4 and saved["task"] == "ade20k"
     logs = [json.loads(line) for line in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
@@ -263,7 +263,7 @@ def test_two_cpu_ranks_train_without_sync_bn(tmp_path: Path, ade_root: Path) -> 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SyncBatchNorm needs GPUs" in proc.stderr
     record = json.loads((job.out_dir / "metrics.json").read_text())
-    assert record["world_size"] == 2 and 0.0 <= record["metrics"]["acc"] <= 1.0
+    assert record["world_size"] == 2 and 0.0 <= record["metrics"]["acc"] <= 100.0
     logs = [json.loads(line) for line in (job.out_dir / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in logs if "loss" in r] == [1, 2] and all(math.isfinite(r["loss"]) for r in logs if "loss" in r)
 

@@ -30,6 +30,8 @@ TITLES = {
     "table8": "Table 8: decoders",
     "table9": "Table 9: dataset sampling strategies",
 }
+REFERENCE_NOTE = (" <column>/paper: the paper's value (mimlib/analysis/paper_values.csv); <column>/diff: this "
+                  "study minus the paper, percentage points.")
 
 
 def _out(results: str | Path, pattern: str, **kw: Any) -> Path:
@@ -58,6 +60,8 @@ def target_outputs(name: str, results: str | Path) -> dict[str, Path]:
         return {"cells": _out(results, C.PROXY_CELLS), "summary": _out(results, C.PROXY_SUMMARY),
                 "md": _out(results, C.PROXY_REPORT, ext="md"), "html": _out(results, C.PROXY_REPORT, ext="html"),
                 **figure_paths(results, "proxy")}
+    if name == "reproduction":
+        return {ext: _out(results, C.REPRODUCTION, ext=ext) for ext in ("csv", "md", "html")}
     if name == "scaling":
         return {"json": _out(results, C.SCALING_JSON), "fit": _out(results, C.SCALING_FIT),
                 "predictions": _out(results, C.SCALING_PREDICTIONS),
@@ -118,18 +122,29 @@ def write_table2(cfg, results, out=None) -> pd.DataFrame:
     return _write_table(cfg, results, "table2", table2(cfg, manifest_paths(cfg, results)), out=out)
 
 
+def _reference(cfg, df: pd.DataFrame, table: int) -> tuple[pd.DataFrame, str]:
+    """``df`` with the paper's values beside the study's (``paper.with_reference``) and the note for them."""
+    from .paper import with_reference
+
+    shown = with_reference(cfg, df, table)
+    return shown, (REFERENCE_NOTE if shown is not df else "")
+
+
 def write_table3(cfg, results, out=None) -> pd.DataFrame:
     from .tables import table3
 
-    return _write_table(cfg, results, "table3", table3(cfg, results),
-                        "Empty: no IN-1K result for that model x dataset. scratch: from-scratch baseline.", out)
+    df, ref = _reference(cfg, table3(cfg, results), 3)
+    return _write_table(cfg, results, "table3", df,
+                        "Empty: no IN-1K result for that model x dataset. scratch: from-scratch baseline." + ref, out)
 
 
 def write_table_by_length(cfg, results, name: str, out=None) -> pd.DataFrame:
     from . import tables
 
-    return _write_table(cfg, results, name, getattr(tables, name)(cfg, results),
-                        "Rows: model x pre-training length; length 0 = from-scratch baseline. Empty: no result.", out)
+    df, ref = _reference(cfg, getattr(tables, name)(cfg, results), int(name.removeprefix("table")))
+    return _write_table(cfg, results, name, df,
+                        "Rows: model x pre-training length; length 0 = from-scratch baseline. Empty: no result."
+                        + ref, out)
 
 
 def write_overfitting(cfg, results, out=None, tolerance: float | None = None) -> pd.DataFrame:
@@ -303,6 +318,38 @@ def write_scaling(cfg, results, out=None):
     return fit, cells, predictions
 
 
+def write_reproduction(cfg, results, out=None, margin: float | None = None) -> pd.DataFrame:
+    """Every paper cell of the study (Tables 3-6) with the paper's value, the study's and the
+    difference (CSV); the Markdown / HTML pages list the cells off by more than the margin
+    (``analysis.reproduction_margin``)."""
+    from . import tables
+    from .paper import comparison
+
+    margin = float(C.analysis_settings(cfg)["reproduction_margin"] if margin is None else margin)
+    built = {3: tables.table3(cfg, results), 4: tables.table4(cfg, results), 5: tables.table5(cfg, results),
+             6: tables.table6(cfg, results)}
+    df = comparison(cfg, built, margin)
+    out = _outputs("reproduction", results, out)
+    out["csv"].parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out["csv"], index=False, float_format="%.6g")
+    measured = df[df["reproduced"].notna()]
+    off = df[df["off"]].drop(columns=["off"])
+    title = f"Reproduction: the paper's Tables 3-6 against study {C.study_name(cfg)}"
+    if df.empty:
+        note = ("No cell of this study is one of the paper's (models, lengths and datasets as in "
+                "config/paper.yaml), so there is nothing to compare.")
+    else:
+        note = (f"{len(df)} of the paper's cells are in this study, {len(measured)} measured; {len(off)} differ from "
+                f"the paper by more than {margin:g} percentage points (analysis.reproduction_margin). diff: this "
+                "study minus the paper. Table 3: the best over the fine-tuned lengths (length 0). All cells: "
+                f"{out['csv'].name}.")
+    off = C.pretty(off, cfg)
+    out["md"].write_text(f"**{title}**\n\n{note}\n\n" + (C.markdown_table(off) if len(off) else "No cell is off.\n"))
+    out["html"].write_text(C.html_page(title, [("Cells off by more than the margin",
+                                                off if len(off) else "No cell is off.")], note))
+    return df
+
+
 def findings_paths(results: str | Path) -> dict[str, Path]:
     return {ext: _out(results, C.FINDINGS, ext=ext) for ext in ("json", "md", "html")}
 
@@ -367,7 +414,7 @@ TARGETS: dict[str, Callable[..., Any]] = {
     "fig1": write_figure1, "fig2": write_figure2, "fig3": write_figure3, "fig4": write_figure4,
     "fig5": write_figure5, "fig6": write_figure6,
     "fig7": partial(write_curve_figure, name="fig7"), "fig8": partial(write_curve_figure, name="fig8"),
-    "proxy": write_proxy, "scaling": write_scaling, "findings": write_findings,
+    "proxy": write_proxy, "scaling": write_scaling, "reproduction": write_reproduction, "findings": write_findings,
 }
 
 

@@ -32,6 +32,7 @@ SCALING_FIT = "analysis/scaling_fit.csv"
 SCALING_PREDICTIONS = "analysis/scaling_predictions.csv"
 SCALING_REPORT = "analysis/scaling.{ext}"  # md, html
 FINDINGS = "analysis/findings.{ext}"  # json, md, html
+REPRODUCTION = "analysis/reproduction.{ext}"  # csv (every paper cell), md, html (the cells off)
 # optional: written by the seed-spread measurement, read by the findings if it is there
 SEED_SPREAD = "analysis/seed_spread.csv"
 

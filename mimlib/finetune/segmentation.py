@@ -2,7 +2,8 @@
 
 One job = one pre-trained cell (or scratch) fine-tuned for ``iters`` iterations, then
 evaluated on the validation split with sliding windows; ``out_dir/metrics.json`` gets
-``{"miou", "acc"}`` (fractions in [0, 1], not percent) plus the per-class IoU.
+``{"miou", "acc"}`` in percent (as the paper's Table 5 and every other task's scores) plus the
+per-class IoU (percent).
 
 Recipe (:data:`DEFAULT_RECIPE`, Table 14 / mmseg's UPerNet-Swin ADE20K config at 640):
 
@@ -163,15 +164,16 @@ class ConfusionMatrix:
 
 def miou_from_confusion(conf: torch.Tensor) -> dict[str, Any]:
     """mIoU (nanmean over classes of I/U; classes absent from labels and predictions are NaN
-    and skipped), pixel accuracy, and the per-class IoU (NaN where undefined)."""
+    and skipped), pixel accuracy, and the per-class IoU (NaN where undefined), all in percent."""
     conf = torch.as_tensor(conf).double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+    # percent, as the paper and the other tasks report scores
+    iou = torch.where(union > 0, 100.0 * tp / union.clamp_min(1), torch.full_like(tp, math.nan))
     total = conf.sum()
     return {
         "miou": float(iou.nanmean()) if bool((union > 0).any()) else math.nan,
-        "acc": float(tp.sum() / total) if total > 0 else math.nan,
+        "acc": float(100.0 * tp.sum() / total) if total > 0 else math.nan,
         "per_class_iou": [float(x) for x in iou],
     }
 

@@ -8,6 +8,7 @@ import os
 
 from mimlib.analysis import aggregate as AGG
 from mimlib.analysis import common as AC
+from mimlib.analysis.paper import paper_datasets
 from mimlib.analysis.tables import decoder_groups, sampling_candidates
 from mimlib.resources import light_resources as _agg_light_resources
 
@@ -111,6 +112,10 @@ AGG_TARGETS = {
     "proxy": dict(input={"summary": AGG_SUMMARY, "metrics": agg_all_metrics()}, shown=BEYOND),
     "scaling": dict(input={"stats": AGG_TABLE1, "summary": AGG_SUMMARY, "overfit": AGG_OVERFIT,
                            "manifests": AGG_MANIFESTS}, shown=BEYOND),
+    # the paper's Tables 3-6 against the study's cells that are the paper's (none: an empty page)
+    "reproduction": dict(input={"metrics": [p for t in AGG_TASKS
+                                            for p in agg_metrics(t, scratch=False, datasets=paper_datasets(CFG))]},
+                         shown=("Analysis", {"html": "page"})),
     # the paper's findings as rules (scratch metrics too: "pre-training helps")
     "findings": dict(input={"summary": AGG_SUMMARY, "overfit": AGG_OVERFIT,
                             "tables": [agg_path(AC.TABLE, name=f"table{i}", ext="csv") for i in range(2, 10)],
@@ -133,6 +138,8 @@ for agg_name, agg_spec in AGG_TARGETS.items():
             unpack(agg_input(agg_spec)),
         output:
             **agg_outputs(agg_name, *agg_spec["shown"]),
+        log:
+            agg_path("logs/aggregate/{name}.log", name=agg_name),
         resources:
             **(AGG_HEAVY if agg_spec.get("heavy") else AGG_RESOURCES),
         params:

@@ -1,5 +1,6 @@
 # Config validation (before any job starts) and the helpers every rule file uses.
 import json
+import pathlib
 import shlex
 import sys
 
@@ -41,6 +42,14 @@ wildcard_constraints:
 def res(pattern, **wildcards):
     """A results path; with no wildcards given, the pattern keeps Snakemake's {wildcards}."""
     return f"{RESULTS}/{pattern.format(**wildcards) if wildcards else pattern}"
+
+
+def results_of(path, pattern):
+    """The results folder of a path ``res(pattern)`` built (a rule's output names its root)."""
+    full, tail = pathlib.Path(path).parts, pathlib.Path(pattern).parts
+    if full[-len(tail):] != tail:
+        raise WorkflowError(f"{path} is not <results>/{pattern}")
+    return str(pathlib.Path(*full[: -len(tail)])) if len(full) > len(tail) else "."
 
 
 def resume(pattern, **wildcards):

@@ -103,8 +103,9 @@ rule finetune_summary:
         res(P.FINETUNE_SUMMARY),
     params:
         config=lambda wc: quoted_json(CFG),
+        results=lambda wc, output: results_of(output[0], P.FINETUNE_SUMMARY),
     log:
         res("logs/finetune/summary.log"),
     shell:
-        "{MIMLIB} finetune-summary --config-json {params.config} --results {RESULTS} "
+        "{MIMLIB} finetune-summary --config-json {params.config} --results {params.results} "
         "--out {output} > {log} 2>&1"

@@ -135,8 +135,9 @@ rule pretrain_summary:
         curves=res(P.PRETRAIN_CURVES),
     params:
         config=lambda wc: quoted_json(CFG),
+        results=lambda wc, output: results_of(output.table, P.PRETRAIN_SUMMARY),
     log:
         res("logs/pretrain/summary.log"),
     shell:
-        "{MIMLIB} summary --config-json {params.config} --results {RESULTS} "
+        "{MIMLIB} summary --config-json {params.config} --results {params.results} "
         "--out {output.table} --curves {output.curves} > {log} 2>&1"

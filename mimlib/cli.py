@@ -84,11 +84,12 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mimlib.config import check_pretrain_recipe
     from mimlib.train.pretrain import PretrainJob, run_pretrain
 
     job = PretrainJob(
         model=args.model,
-        recipe=json.loads(args.recipe_json),
+        recipe=check_pretrain_recipe(json.loads(args.recipe_json), "--recipe-json"),
         manifest=Path(args.manifest),
         end_iter=args.end_iter,
         out=Path(args.out),

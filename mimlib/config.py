@@ -134,21 +134,44 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     for model in cfg["models"]:
         if model not in MODELS:
             continue
-        recipe = pretrain_recipe(cfg, model)  # its keys and types were checked by the schema
-        key = f"pretrain (model {model})"
-        if recipe["img_size"] % recipe["mask_patch_size"]:
-            problems.append(f"{key}.img_size: {recipe['img_size']} not divisible by mask_patch_size {recipe['mask_patch_size']}")
-        if recipe["mask_patch_size"] % recipe["patch_size"]:
-            problems.append(f"{key}.mask_patch_size: {recipe['mask_patch_size']} not divisible by patch_size {recipe['patch_size']}")
-        if recipe["checkpoint_every"] % recipe["log_every"]:
-            problems.append(f"{key}.checkpoint_every: {recipe['checkpoint_every']} is not a multiple of log_every {recipe['log_every']}")
-        if recipe["global_batch"] % recipe["micro_batch"]:
-            problems.append(f"{key}.global_batch: {recipe['global_batch']} not divisible by micro_batch {recipe['micro_batch']}")
+        # its keys and types were checked by the schema
+        problems += _pretrain_problems(pretrain_recipe(cfg, model), f"pretrain (model {model})")
     problems += _finetune_problems(cfg, check_paths)
     problems += gpu_layout_problems(cfg["resources"])
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
     return cfg
+
+
+def _pretrain_problems(recipe: Mapping[str, Any], key: str) -> list[str]:
+    """The combinations of pre-training keys that cannot work."""
+    problems = []
+    if recipe["img_size"] % recipe["mask_patch_size"]:
+        problems.append(f"{key}.img_size: {recipe['img_size']} not divisible by mask_patch_size {recipe['mask_patch_size']}")
+    if recipe["mask_patch_size"] % recipe["patch_size"]:
+        problems.append(f"{key}.mask_patch_size: {recipe['mask_patch_size']} not divisible by patch_size {recipe['patch_size']}")
+    if recipe["checkpoint_every"] % recipe["log_every"]:
+        problems.append(f"{key}.checkpoint_every: {recipe['checkpoint_every']} is not a multiple of log_every {recipe['log_every']}")
+    if recipe["global_batch"] % recipe["micro_batch"]:
+        problems.append(f"{key}.global_batch: {recipe['global_batch']} not divisible by micro_batch {recipe['micro_batch']}")
+    return problems
+
+
+def check_pretrain_recipe(recipe: Mapping[str, Any], where: str = "recipe") -> dict[str, Any]:
+    """A pre-training recipe given on its own (``mimscale pretrain --recipe-json``): completed
+    over the schema's defaults and checked as the config's ``pretrain`` block is."""
+    import jsonschema
+
+    schema = copy.deepcopy(load_schema()["properties"]["pretrain"])
+    del schema["properties"]["per_model"]
+    full = _fill_defaults(copy.deepcopy(dict(recipe)), schema)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path))
+    problems = [f"{where}.{_key_path(e)}: {e.message}".replace(".<top level>", "") for e in errors]
+    if not problems:
+        problems = _pretrain_problems(full, where)
+    if problems:
+        raise ConfigError("invalid pre-training recipe:\n" + "\n".join(f"  {p}" for p in problems))
+    return full
 
 
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:

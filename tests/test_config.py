@@ -186,3 +186,23 @@ def test_the_paper_config_has_the_papers_recipes() -> None:
     assert (in1k_h["epochs"], in1k_h["layer_decay"]) == (50, 0.65)
     inat = finetune_recipe(paper, "inat18", "swinv2_b")
     assert (inat["base_lr"] * 2048 / 512, inat["weight_decay"], inat["layer_decay"], inat["epochs"]) == (1.6e-2, 0.1, 0.75, 100)
+
+
+def test_a_pretrain_recipe_given_on_the_command_line_is_checked_as_the_config_block(capsys) -> None:
+    """`mimscale pretrain --recipe-json` recipes were never checked (`{}` died with KeyError
+    'threads'); now they are completed over the schema's defaults and checked like `pretrain:`."""
+    from mimlib.cli import main
+    from mimlib.config import check_pretrain_recipe, load_config, pretrain_recipe
+
+    cfg = load_config(ROOT / "config" / "smoke.yaml", check_paths=False)
+    given = pretrain_recipe(cfg, "swinv2_pico")
+    assert check_pretrain_recipe(given) == given  # a complete recipe comes back as it was (same hash)
+    assert check_pretrain_recipe({})["threads"] is None  # an empty one gets the schema's defaults
+    with pytest.raises(ConfigError, match=r"recipe.global_batch: '8' is not of type 'integer'"):
+        check_pretrain_recipe({**given, "global_batch": "8"})
+    with pytest.raises(ConfigError, match=r"recipe.img_size: 64 not divisible by mask_patch_size 24"):
+        check_pretrain_recipe({**given, "mask_patch_size": 24})
+    rc = main(["pretrain", "--model", "swinv2_pico", "--recipe-json", '{"base_lr": -1}', "--manifest", "m.parquet",
+               "--end-iter", "8", "--out", "x.pt", "--resume-dir", "r"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--recipe-json.base_lr: -1 is less than or equal to the minimum of 0" in err

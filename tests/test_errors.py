@@ -120,13 +120,14 @@ def test_a_reference_mismatch_names_the_file(tmp_path: Path) -> None:
 def test_pretrain_init_names_what_the_file_lacks(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
+    from mimlib.train.distributed import DistInfo
     from mimlib.train.pretrain import _find_start
 
     path = tmp_path / "init.pt"
     torch.save({"weights": {}}, path)
     job = SimpleNamespace(resume_dir=tmp_path / "resume", end_iter=8, init=path, recipe={})
     with pytest.raises(CheckpointError, match=r"init\.pt lacks the top-level key\(s\) \['model', 'iteration'\]"):
-        _find_start(job, SimpleNamespace(device=torch.device("cpu")))
+        _find_start(job, DistInfo())
 
 
 def test_a_reconstruction_checkpoint_names_what_it_lacks(tmp_path: Path) -> None:

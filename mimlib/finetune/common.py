@@ -4,6 +4,7 @@ description, optimiser groups with layer decay, resumable state, and the metrics
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +63,25 @@ class ResumableState:
     def __init__(self, job: FinetuneJob, info: DistInfo):
         self.job, self.info = job, info
         self.hash = recipe_hash({**job.recipe, "_task": job.task, "_ckpt": str(job.checkpoint)})
+        self._identity: dict[str, Any] | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """:func:`finetune_identity` of the job, computed once (it hashes files)."""
+        if self._identity is None:
+            self._identity = finetune_identity(self.job)
+        return self._identity
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
-        """(step to start from, extra state) — (0, {}) when there is nothing to resume."""
-        found = ckpt.rolling_checkpoints(self.job.resume_dir)
-        if not found:
+        """(step to start from, extra state) — (0, {}) when there is nothing to resume.
+
+        The newest readable rolling checkpoint (an unreadable one is set aside, see
+        :func:`mimlib.train.checkpoint.load_rolling`), and only if this job wrote it."""
+        found = ckpt.load_rolling(self.job.resume_dir, self.info.device, set_aside=self.info.is_main)
+        if found is None:
             return 0, {}
-        step, path = found[-1]
-        state = ckpt.load(path, map_location=self.info.device)
-        if state.get("recipe_hash") != self.hash:
-            raise RuntimeError(f"resume state {path} is from another recipe; move it away to start over")
+        step, path, state = found
+        ckpt.check_resume_identity(state, path, self.identity, self.job.resume_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         return step, state.get("extra", {})
@@ -80,7 +90,7 @@ class ResumableState:
         if self.info.is_main:
             ckpt.save_rolling(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "recipe_hash": self.hash,
-                 "step": step, "extra": extra},
+                 "job_identity": self.identity, "step": step, "extra": extra},
                 self.job.resume_dir, step,
             )
 
@@ -95,6 +105,33 @@ class ResumableState:
                 p.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 Path(self.job.resume_dir).rmdir()
+
+
+def data_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuning job's data as it defines the result: every value as given, and for each
+    value that names a file (an index, an annotation JSON) the SHA-256 of its bytes. A folder
+    of images is identified by its path only (hashing every image would cost a pass over the
+    data set per job)."""
+    out: dict[str, Any] = {}
+    for key in sorted(data):
+        value = data[key]
+        out[f"data.{key}"] = json.loads(json.dumps(value, default=str))  # plain values: weights_only loads them
+        if isinstance(value, (str, Path)) and Path(value).is_file():
+            out[f"data.{key}_sha256"] = ckpt.file_sha256(value)
+    return out
+
+
+def finetune_identity(job: FinetuneJob) -> dict[str, Any]:
+    """What defines a fine-tuning job's result; its resume state is used only by a job with
+    the same identity (:class:`ResumableState`)."""
+    return {
+        "recipe_hash": recipe_hash(job.recipe),
+        "seed": job.seed,
+        "model": job.model,
+        "task": job.task,
+        "checkpoint_sha256": ckpt.file_sha256(job.checkpoint) if job.checkpoint is not None else None,
+        **data_identity(job.data),
+    }
 
 
 def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str) -> JsonlLogger:

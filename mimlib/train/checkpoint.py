@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mimlib.models.checkpoint_io import CheckpointError, read_checkpoint  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -70,3 +74,109 @@ def save_rolling(obj: Any, folder: str | Path, iteration: int, keep: int = 2) ->
     for stale in Path(folder).glob(".iter_*.pt.tmp*"):
         stale.unlink(missing_ok=True)
     return path
+
+
+# --- resuming: the newest intact rolling checkpoint, and only for the job that wrote it --------
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename an unreadable rolling checkpoint to ``<name>.damaged`` (never delete it)."""
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}.{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
+def load_rolling(
+    folder: str | Path, map_location: str | torch.device = "cpu", below: int | None = None,
+    set_aside: bool = True,
+) -> tuple[int, Path, dict[str, Any]] | None:
+    """(iteration, path, state) of the newest *readable* rolling checkpoint in ``folder`` (only
+    those before iteration ``below``, if given), or None when there is none.
+
+    A rolling checkpoint that cannot be read (truncated by a full disk, damaged by a copy, ...)
+    does not stop the job: it is renamed to ``<name>.damaged`` (kept for inspection; only the
+    main rank renames, ``set_aside``), a warning names it, and the previous one is used.
+    """
+    for it, path in reversed(rolling_checkpoints(folder)):
+        if below is not None and it >= below:
+            continue
+        try:
+            return it, path, load(path, map_location)
+        except CheckpointError as exc:
+            kept = path
+            if set_aside and path.exists():
+                try:
+                    kept = _set_aside(path)
+                except OSError:  # another process set it aside first, or a read-only folder
+                    pass
+            log.warning("rolling checkpoint %s is unusable (%s); kept as %s, resuming from the previous "
+                        "rolling checkpoint instead", path, exc, kept)
+    return None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process per (path, size, mtime).
+
+    What identifies a job's inputs (its manifest, its init checkpoint): a full hash, not a
+    size/mtime guess, because a rebuilt manifest can have the same size and a copied file
+    another mtime. Reading is streamed (1 MiB blocks): about 1 s per GB.
+    """
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _SHA256_CACHE.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = _SHA256_CACHE[key] = h.hexdigest()
+    return digest
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+class ResumeMismatchError(CheckpointError):
+    """A resume state or an init checkpoint was written for another job definition."""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return f"sha256 {value[:12]}..."
+    return repr(value)
+
+
+def identity_differences(recorded: Mapping[str, Any] | None, expected: Mapping[str, Any]) -> list[str]:
+    """One phrase per key of ``expected`` that ``recorded`` lacks or has another value for."""
+    recorded = recorded or {}
+    out = []
+    for key, want in expected.items():
+        if key not in recorded:
+            out.append(f"{key}: not recorded in the state (written by an older mimscale), {_show(want)} for this job")
+        elif recorded[key] != want:
+            out.append(f"{key}: {_show(recorded[key])} in the state, {_show(want)} for this job")
+    if recorded:
+        out += [f"{key}: {_show(recorded[key])} in the state, not part of this job" for key in recorded
+                if key not in expected]
+    return out
+
+
+def check_resume_identity(state: Mapping[str, Any], path: str | Path, expected: Mapping[str, Any],
+                          resume_dir: str | Path) -> None:
+    """Raise :class:`ResumeMismatchError` unless the resume ``state`` (read from ``path``) was
+    written by a job with the identity ``expected`` (its ``job_identity`` entry)."""
+    differ = identity_differences(state.get("job_identity"), expected)
+    if differ:
+        raise ResumeMismatchError(
+            f"resume state {path} was written for another definition of this job ({'; '.join(differ)}), "
+            f"so it is not resumed. Nothing was deleted. To start this job over, move its resume folder "
+            f"away (e.g. mv {resume_dir} {resume_dir}.old) and rerun; to continue the interrupted run "
+            "instead, restore its settings"
+        )

@@ -131,23 +131,55 @@ def _validation_loader(job: PretrainJob, info: DistInfo) -> DataLoader | None:
     )
 
 
+def job_identity(job: PretrainJob) -> dict[str, Any]:
+    """What defines a job's result: a resume state is used only by a job with the same identity.
+
+    The manifest and the init checkpoint by the SHA-256 of their bytes (a rebuilt manifest with
+    other images, a trunk point re-run with another seed); the length by the end iteration and
+    the decay point.
+    """
+    return {
+        "recipe_hash": recipe_hash(job.recipe),
+        "seed": job.seed,
+        "model": job.model,
+        "manifest_sha256": ckpt.file_sha256(job.manifest),
+        "end_iter": job.end_iter,
+        "decay_at": job.decay_at,
+        "init_sha256": ckpt.file_sha256(job.init) if job.init is not None else None,
+    }
+
+
+def check_init(state: dict[str, Any], job: PretrainJob) -> None:
+    """An init checkpoint (a trunk point) must come from the same run as this job: the same
+    model, seed, recipe and manifest; otherwise trunk + branch is not the run it claims to be."""
+    found = {"model": state.get("model_name"), "seed": state.get("seed"), "recipe_hash": state.get("recipe_hash")}
+    want = {"model": job.model, "seed": job.seed, "recipe_hash": recipe_hash(job.recipe)}
+    recorded = state.get("job_identity") or {}
+    if "manifest_sha256" in recorded:  # checkpoints written before job identities lack it
+        found["manifest_sha256"] = recorded["manifest_sha256"]
+        want["manifest_sha256"] = ckpt.file_sha256(job.manifest)
+    differ = [f"{k}: {ckpt._show(found[k])} in {job.init}, {ckpt._show(want[k])} for this job"
+              for k in want if found[k] != want[k]]
+    if differ:
+        raise ckpt.ResumeMismatchError(
+            f"init checkpoint {job.init} was written by another run than this job continues "
+            f"({'; '.join(differ)}). Rebuild it with this job's settings (delete or move it and rerun "
+            "its target), or pass the init checkpoint of this run"
+        )
+
+
 def _find_start(job: PretrainJob, info: DistInfo) -> tuple[int, dict[str, Any] | None, str]:
     """(start iteration, state to load, where it came from)."""
-    rolling = [(i, p) for i, p in ckpt.rolling_checkpoints(job.resume_dir) if i < job.end_iter]
-    if rolling:
-        it, path = rolling[-1]
-        state = ckpt.load(path, map_location=info.device)
-        if state.get("recipe_hash") != recipe_hash(job.recipe):
-            raise RuntimeError(
-                f"resume checkpoint {path} was written with another recipe "
-                f"(hash {state.get('recipe_hash')} != {recipe_hash(job.recipe)}); "
-                "move it away to start this job over"
-            )
+    found = ckpt.load_rolling(job.resume_dir, info.device, below=job.end_iter, set_aside=info.is_main)
+    if found is not None:
+        it, path, state = found
+        ckpt.check_resume_identity(state, path, job_identity(job), job.resume_dir)
         return it, state, str(path)
     if job.init is not None:
         state = ckpt.load(job.init, map_location=info.device, require=("model", "iteration"))
         if state["iteration"] > job.end_iter:
             raise ValueError(f"{job.init} is at iteration {state['iteration']}, past this job's end {job.end_iter}")
+        check_init(state, job)
         return state["iteration"], state, str(job.init)
     return 0, None, "scratch"
 
@@ -163,10 +195,25 @@ def _state(
         "recipe": job.recipe,
         "recipe_hash": recipe_hash(job.recipe),
         "seed": job.seed,
+        "job_identity": job_identity(job),
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     return state
+
+
+def share_failed_files(failed: set[str], shared: set[str], info: DistInfo) -> None:
+    """Make ``failed`` the union of every rank's unreadable files (in place), so the count is of
+    distinct files and rank 0's checkpoints carry all of them; ``shared`` (what every rank
+    already holds) is updated. One scalar all-reduce per call, a gather only when a rank met a
+    new unreadable file."""
+    new = sorted(failed - shared)
+    if int(all_reduce_sum(torch.tensor(len(new), device=info.device), info)):
+        gathered: list[list[str] | None] = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, new)
+        for names in gathered:
+            failed.update(names or [])
+    shared |= failed
 
 
 @dataclass(kw_only=True)
@@ -180,7 +227,8 @@ class PretrainTraining(TrainTask):
     dataset_size: int
     window_start: int  # the summary's train loss is the mean over updates after this one
     tail_losses: list[float] = field(default_factory=list)
-    failed_files: set[str] = field(default_factory=set)
+    failed_files: set[str] = field(default_factory=set)  # the cell's, since iteration 0 (all ranks')
+    shared_failed: set[str] = field(default_factory=set)  # the part every rank already holds
     interval: IntervalLog = field(default_factory=IntervalLog)
     last_val: float | None = None
     trivial_val: float | None = None
@@ -219,9 +267,9 @@ class PretrainTraining(TrainTask):
         return postfix
 
     def check_corrupt(self) -> None:
-        if not self.failed_files:
-            return
-        n_failed = int(all_reduce_sum(torch.tensor(len(self.failed_files), device=self.info.device), self.info))
+        if self.info.distributed:  # every rank, every update: the ranks' collectives must pair up
+            share_failed_files(self.failed_files, self.shared_failed, self.info)
+        n_failed = len(self.failed_files)
         if n_failed > self.recipe["max_corrupt_fraction"] * self.dataset_size:
             raise TooManyCorruptImagesError(
                 f"{n_failed} of {self.dataset_size} images in {self.job.manifest} could not be decoded "
@@ -248,6 +296,13 @@ class PretrainTraining(TrainTask):
 
     def stop_message(self, done: int) -> str:
         return f"stopped by SIGTERM after iteration {done}; state saved in {self.resume_dir}"
+
+
+def carried_failed_files(state: dict[str, Any] | None) -> set[str]:
+    """The unreadable files a cell met before this job: from its rolling state, or from the
+    trunk point it starts from (``job.init``), so ``corrupt_images`` and the
+    ``max_corrupt_fraction`` limit count over the whole cell since iteration 0."""
+    return set((state or {}).get("failed_files", []))
 
 
 def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
@@ -282,7 +337,7 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
         desc=f"{job.model} -> {job.end_iter}", job=job, logger=logger, val_loader=_validation_loader(job, info),
         dataset_size=len(dataset),
         window_start=job.end_iter - max(1, round(r["train_loss_window"] * (job.cell.get("length") or job.end_iter))),
-        tail_losses=list(resumed.get("tail_losses", [])), failed_files=set(resumed.get("failed_files", [])),
+        tail_losses=list(resumed.get("tail_losses", [])), failed_files=carried_failed_files(state),
         interval=IntervalLog(resumed),
     )
     t_job = time.perf_counter()
@@ -311,7 +366,8 @@ def _finish(job: PretrainJob, task: PretrainTraining, source: str, wall_time_s: 
         "resumed_from": source,
     }
     if info.is_main:
-        ckpt.save_atomic(_state(task.model, task.optimizer if job.save_optimizer else None, job.end_iter, job), job.out)
+        ckpt.save_atomic(_state(task.model, task.optimizer if job.save_optimizer else None, job.end_iter, job,
+                                failed_files=sorted(task.failed_files)), job.out)
         if job.metrics_out is not None:
             write_json_atomic(summary, job.metrics_out)
         if job.log_out is not None:

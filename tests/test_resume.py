@@ -255,3 +255,30 @@ def test_the_corrupt_image_limit_applies_to_the_cell(tmp_path: Path, tiny_data: 
     branch = job(tmp_path, tiny_data, recipe, "branch", 4, 3, manifest=manifest, init=tmp_path / "trunk.pt")
     with pytest.raises(TooManyCorruptImagesError, match=r"4 of 32 images .* max_corrupt_fraction=0\.1"):
         run_pretrain(branch, progress=False)
+
+
+@pytest.mark.slow
+def test_two_ranks_count_each_unreadable_file_once_and_carry_them_all(
+    tmp_path: Path, tiny_data: dict, tiny_recipe: dict
+) -> None:
+    """Each rank decodes its own slots: the count is of distinct files over all ranks (not a
+    sum of per-rank sets, which double counts what the trunk point carried), and rank 0's
+    checkpoint carries every rank's files to the branch."""
+    import subprocess
+
+    from launching import mimlib_cmd, pretrain_args, rank_free_env
+
+    recipe = {**tiny_recipe, "max_corrupt_fraction": 0.1, "micro_batch": 2}  # 3.2 of 32 images
+    manifest = _corrupt(tiny_data, tmp_path, [1, 6, 12])  # rank 0 draws slots 0-3, rank 1 slots 4-7
+    trunk = job(tmp_path, tiny_data, recipe, "trunk", 2, manifest=manifest)
+    branch = job(tmp_path, tiny_data, recipe, "branch", 4, 3, manifest=manifest, init=trunk.out,
+                 metrics_out=tmp_path / "metrics.json", save_optimizer=False)
+    root = Path(__file__).resolve().parents[1]
+    extra = {trunk.out: [], branch.out: ["--init", str(trunk.out), "--metrics-out", str(branch.metrics_out),
+                                         "--no-optimizer"]}
+    for j in (trunk, branch):
+        done = subprocess.run(mimlib_cmd(pretrain_args(j) + extra[j.out], ranks=2), cwd=root, env=rank_free_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert len(ckpt.load(trunk.out)["failed_files"]) == 3
+    assert json.loads((tmp_path / "metrics.json").read_text())["corrupt_images"] == 3

@@ -126,6 +126,23 @@ def test_an_init_checkpoint_of_another_seed_model_or_manifest_is_reported(
                      progress=False)
 
 
+def test_the_cli_reports_a_mismatch_in_one_line_with_exit_code_2(
+    tmp_path: Path, tiny_data: dict, tiny_recipe: dict
+) -> None:
+    import subprocess
+
+    from launching import mimlib_cmd, pretrain_args
+
+    run_pretrain(job(tmp_path, tiny_data, tiny_recipe, "trunk", 2), progress=False)
+    branch = job(tmp_path, tiny_data, tiny_recipe, "branch", 4, 3)
+    done = subprocess.run(mimlib_cmd(pretrain_args(branch) + ["--init", str(tmp_path / "trunk.pt"), "--seed", "1"]),
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mimscale: error: init checkpoint") and "seed: 0 in" in last, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
 def _finetune_job(tmp: Path, **kw):
     from mimlib.finetune.common import FinetuneJob
 

@@ -195,7 +195,6 @@ def _state(
         "recipe": job.recipe,
         "recipe_hash": recipe_hash(job.recipe),
         "seed": job.seed,
-        "job_identity": job_identity(job),
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -286,8 +285,7 @@ class PretrainTraining(TrainTask):
     def save(self, done: int) -> None:
         # What a resumed job needs besides weights: the summary's and the open log interval's sums.
         if self.info.is_main:
-            progress_state = {"tail_losses": self.tail_losses, "failed_files": sorted(self.failed_files),
-                              **self.interval.state()}
+            progress_state = {"tail_losses": self.tail_losses, **carried_state(self), **self.interval.state()}
             ckpt.save_rolling(_state(self.model, self.optimizer, done, self.job, **progress_state),
                               self.job.resume_dir, done)
 
@@ -296,6 +294,13 @@ class PretrainTraining(TrainTask):
 
     def stop_message(self, done: int) -> str:
         return f"stopped by SIGTERM after iteration {done}; state saved in {self.resume_dir}"
+
+
+def carried_state(task: PretrainTraining) -> dict[str, Any]:
+    """What every checkpoint of a job carries besides weights and recipe: the job's identity
+    (a rolling state is resumed only by the same job; an init checkpoint is checked against the
+    job that starts from it) and the cell's unreadable files so far (the next job continues them)."""
+    return {"job_identity": job_identity(task.job), "failed_files": sorted(task.failed_files)}
 
 
 def carried_failed_files(state: dict[str, Any] | None) -> set[str]:
@@ -367,7 +372,7 @@ def _finish(job: PretrainJob, task: PretrainTraining, source: str, wall_time_s: 
     }
     if info.is_main:
         ckpt.save_atomic(_state(task.model, task.optimizer if job.save_optimizer else None, job.end_iter, job,
-                                failed_files=sorted(task.failed_files)), job.out)
+                                **carried_state(task)), job.out)
         if job.metrics_out is not None:
             write_json_atomic(summary, job.metrics_out)
         if job.log_out is not None:

@@ -183,6 +183,12 @@ def test_a_finetune_resume_state_is_resumed_only_by_the_job_that_wrote_it(tmp_pa
     with pytest.raises(ckpt.ResumeMismatchError, match=r"checkpoint_sha256: sha256 .* Nothing was deleted"):
         ResumableState(_finetune_job(tmp_path), info).load(*_net())
     assert [i for i, _ in ckpt.rolling_checkpoints(tmp_path / "resume")] == [3]
+    # a state from before job identities (main's format) cannot show whose it is: refused too
+    state = ckpt.load(tmp_path / "resume" / "iter_000000003.pt")
+    del state["job_identity"]
+    ckpt.save_atomic(state, tmp_path / "resume" / "iter_000000003.pt")
+    with pytest.raises(ckpt.ResumeMismatchError, match="records no job identity"):
+        ResumableState(_finetune_job(tmp_path), info).load(*_net())
 
 
 # --- item 6: a damaged newest rolling checkpoint falls back to the previous one ----------------

@@ -147,7 +147,8 @@ class ResumeMismatchError(CheckpointError):
     """A resume state or an init checkpoint was written for another job definition."""
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A recorded value for a message: a SHA-256 shortened to 12 digits, anything else as repr."""
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return f"sha256 {value[:12]}..."
     return repr(value)
@@ -155,16 +156,16 @@ def _show(value: Any) -> str:
 
 def identity_differences(recorded: Mapping[str, Any] | None, expected: Mapping[str, Any]) -> list[str]:
     """One phrase per key of ``expected`` that ``recorded`` lacks or has another value for."""
-    recorded = recorded or {}
+    if not recorded:
+        return ["the state records no job identity (written by a mimscale that did not check them)"]
     out = []
     for key, want in expected.items():
         if key not in recorded:
-            out.append(f"{key}: not recorded in the state (written by an older mimscale), {_show(want)} for this job")
+            out.append(f"{key}: not recorded in the state, {show_value(want)} for this job")
         elif recorded[key] != want:
-            out.append(f"{key}: {_show(recorded[key])} in the state, {_show(want)} for this job")
-    if recorded:
-        out += [f"{key}: {_show(recorded[key])} in the state, not part of this job" for key in recorded
-                if key not in expected]
+            out.append(f"{key}: {show_value(recorded[key])} in the state, {show_value(want)} for this job")
+    out += [f"{key}: {show_value(recorded[key])} in the state, not part of this job" for key in recorded
+            if key not in expected]
     return out
 
 

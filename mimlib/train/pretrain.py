@@ -158,7 +158,7 @@ def check_init(state: dict[str, Any], job: PretrainJob) -> None:
     if "manifest_sha256" in recorded:  # checkpoints written before job identities lack it
         found["manifest_sha256"] = recorded["manifest_sha256"]
         want["manifest_sha256"] = ckpt.file_sha256(job.manifest)
-    differ = [f"{k}: {ckpt._show(found[k])} in {job.init}, {ckpt._show(want[k])} for this job"
+    differ = [f"{k}: {ckpt.show_value(found[k])} in {job.init}, {ckpt.show_value(want[k])} for this job"
               for k in want if found[k] != want[k]]
     if differ:
         raise ckpt.ResumeMismatchError(

@@ -305,3 +305,23 @@ def test_two_ranks_count_each_unreadable_file_once_and_carry_them_all(
         assert done.returncode == 0, done.stderr[-3000:]
     assert len(ckpt.load(trunk.out)["failed_files"]) == 3
     assert json.loads((tmp_path / "metrics.json").read_text())["corrupt_images"] == 3
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_past_a_damaged_rolling_checkpoint_together(
+    tmp_path: Path, tiny_data: dict, tiny_recipe: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from launching import mimlib_cmd, pretrain_args, rank_free_env
+
+    recipe = {**tiny_recipe, "checkpoint_every": 2, "micro_batch": 2, "drop_path": 0.0}
+    j = job(tmp_path, tiny_data, recipe, "cell", 8, 7)
+    run_until(monkeypatch, j, 6)  # one process; the rerun has two ranks (the state does not depend on it)
+    newest = j.resume_dir / "iter_000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    done = subprocess.run(mimlib_cmd(pretrain_args(j), ranks=2), cwd=Path(__file__).resolve().parents[1],
+                          env=rank_free_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "iterations 4 -> 8 from" in done.stderr and "is unusable" in done.stderr, done.stderr[-3000:]
+    assert newest.with_name(newest.name + ".damaged").exists() and j.out.exists()

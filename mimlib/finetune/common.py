@@ -78,6 +78,7 @@ class ResumableState:
         The newest readable rolling checkpoint (an unreadable one is set aside, see
         :func:`mimlib.train.checkpoint.load_rolling`), and only if this job wrote it."""
         found = ckpt.load_rolling(self.job.resume_dir, self.info.device, set_aside=self.info.is_main)
+        ckpt.agree_across_ranks(found, self.info, self.job.resume_dir)
         if found is None:
             return 0, {}
         step, path, state = found

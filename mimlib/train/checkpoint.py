@@ -120,6 +120,22 @@ def load_rolling(
     return None
 
 
+def agree_across_ranks(found: tuple[int, Path, dict[str, Any]] | None, info: Any, folder: str | Path) -> None:
+    """Every rank must resume from the same rolling checkpoint (one rank may fail to read a file
+    another can, e.g. an I/O error on one node): otherwise stop with a message, never train on."""
+    if not getattr(info, "distributed", False):
+        return
+    import torch.distributed as dist
+
+    it = torch.tensor([found[0] if found else -1, -(found[0] if found else -1)], device=info.device)
+    dist.all_reduce(it, op=dist.ReduceOp.MAX)
+    if int(it[0]) != -int(it[1]):
+        raise CheckpointError(
+            f"the ranks found different rolling checkpoints in {folder} (iterations {-int(it[1])} to {int(it[0])}; "
+            "-1 is none): a file one rank could not read, see the warnings; rerun to retry"
+        )
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, computed once per process per (path, size, mtime).
 

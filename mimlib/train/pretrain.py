@@ -171,6 +171,7 @@ def check_init(state: dict[str, Any], job: PretrainJob) -> None:
 def _find_start(job: PretrainJob, info: DistInfo) -> tuple[int, dict[str, Any] | None, str]:
     """(start iteration, state to load, where it came from)."""
     found = ckpt.load_rolling(job.resume_dir, info.device, below=job.end_iter, set_aside=info.is_main)
+    ckpt.agree_across_ranks(found, info, job.resume_dir)
     if found is not None:
         it, path, state = found
         ckpt.check_resume_identity(state, path, job_identity(job), job.resume_dir)

@@ -325,3 +325,50 @@ def test_two_ranks_fall_back_past_a_damaged_rolling_checkpoint_together(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "iterations 4 -> 8 from" in done.stderr and "is unusable" in done.stderr, done.stderr[-3000:]
     assert newest.with_name(newest.name + ".damaged").exists() and j.out.exists()
+
+
+@pytest.mark.slow
+def test_after_a_kill_and_a_seed_change_the_workflow_job_stops_instead_of_resuming(tmp_path: Path) -> None:
+    """The issue's scenario through Snakemake: interrupt a trunk job, change ``seed`` (which also
+    rebuilds the manifest with other images), run the same target: the job stops, its log says
+    what differs and how to start over, and the rolling state is still there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "config" / "smoke.yaml").read_text())
+    cfg["lengths"] = [256]
+    cfg["datasets"] = {"half": cfg["datasets"]["half"]}
+    cfg.pop("finetune")
+    cfg["pretrain"].update(checkpoint_every=4, val_every=32)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    target = "results/pretrain/swinv2_pico/half/trunk/224.pt"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(tmp_path),
+           "--cores", "1", target, "--configfile", str(config)]
+    rel = "results/.resume/pretrain/swinv2_pico/half/trunk_224"  # as the job sees it (Snakemake's -d)
+    resume = tmp_path / rel
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(resume.glob("iter_*.pt")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the workflow ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # a node failure: nothing gets to clean up
+    proc.wait(timeout=120)
+    kept = sorted(p.name for p in resume.glob("iter_*.pt"))
+    assert kept
+
+    config.write_text(yaml.safe_dump({**cfg, "seed": 1}))
+    subprocess.run(cmd + ["--unlock"], cwd=root, check=True, capture_output=True, timeout=300)  # SIGKILL left the lock
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0, done.stderr[-3000:]
+    log = (tmp_path / "results/logs/pretrain/swinv2_pico/half/trunk_224.log").read_text()
+    assert "mimscale: error: resume state" in log and "seed: 0 in the state, 1 for this job" in log, log[-3000:]
+    assert "manifest_sha256" in log and f"mv {rel} {rel}.old" in log, log[-3000:]
+    assert sorted(p.name for p in resume.glob("iter_*.pt")) == kept  # nothing deleted
+    assert not (tmp_path / target).exists()

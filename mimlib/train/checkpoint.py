@@ -109,14 +109,14 @@ def load_rolling(
         try:
             return it, path, load(path, map_location)
         except CheckpointError as exc:
-            kept = path
+            where = "left for rank 0 to set aside"
             if set_aside and path.exists():
                 try:
-                    kept = _set_aside(path)
-                except OSError:  # another process set it aside first, or a read-only folder
-                    pass
-            log.warning("rolling checkpoint %s is unusable (%s); kept as %s, resuming from the previous "
-                        "rolling checkpoint instead", path, exc, kept)
+                    where = f"renamed to {_set_aside(path).name}"
+                except OSError as err:  # a read-only folder, say
+                    where = f"left in place (cannot rename it: {err})"
+            log.warning("rolling checkpoint %s is unusable (%s); %s (kept, not deleted), resuming from the "
+                        "previous rolling checkpoint instead", path, exc, where)
     return None
 
 

@@ -214,6 +214,57 @@ def test_classification_epochs_are_logged_at_their_global_update(tmp_path: Path,
         assert name in got, name
 
 
+COCO_TINY = {  # tests/test_finetune_detection.py's smallest recipe
+    "img_size": 64, "window_size": 4, "test_size": [64, 96], "epochs": 1, "warmup_iters": 2,
+    "global_batch": 4, "micro_batch": 2, "lr": 1e-4, "step_epochs": [1], "num_workers": 0,
+    "log_every": 2, "checkpoint_every": 100, "threads": 1, "eval_batch": 4, "fpn_channels": 16,
+    "representation_size": 32, "mask_head_channels": 16, "mask_head_convs": 1,
+    "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 20, "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 20, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16,
+    "box_detections_per_img": 10, "anchor_sizes": [8, 16, 32, 64, 128],
+}
+ADE_TINY = dict(  # tests/test_finetune_segmentation.py's, with an evaluation mid-run
+    num_classes=4, img_size=128, window_size=8, scale=[256, 128], slide_crop=128, slide_stride=96,
+    test_short_side=128, test_long_side=256, iters=4, warmup_iters=1, lr=1e-3, layer_decay=0.9,
+    global_batch=2, micro_batch=2, channels=32, aux_channels=32, num_workers=0, log_every=1,
+    eval_every=2, checkpoint_every=0, threads=1,
+)
+
+
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_detection_and_segmentation_records_reach_tensorboard(task: str, tmp_path: Path) -> None:
+    from mimlib.finetune import engine
+
+    if task == "coco":
+        from mimlib.data.coco import coco_paths
+        from mimlib.data.demo_coco import CocoDemoSpec, write_coco_demo
+
+        write_coco_demo(tmp_path / "coco", CocoDemoSpec(num_classes=3, train_images=12, val_images=4, image_size=96,
+                                                        seed=0))
+        data, recipe = coco_paths(tmp_path / "coco"), COCO_TINY
+        names = ("train/loss", "train/loss_mask", "train/grad_norm", "train/lr", "train/images_per_s", "val/box_ap")
+    else:
+        from mimlib.data.demo_ade20k import Ade20kDemoSpec, write_ade20k_demo
+
+        write_ade20k_demo(tmp_path / "ade", Ade20kDemoSpec(num_classes=4, train_images=4, val_images=2, min_size=96,
+                                                           max_size=144))
+        data, recipe = {"root": str(tmp_path / "ade" / "ADEChallengeData2016")}, ADE_TINY
+        names = ("train/loss", "train/aux_loss", "train/grad_norm", "train/lr", "train/images_per_s", "val/miou")
+    job = FinetuneJob(task=task, model="swinv2_pico", recipe=recipe, data=data, out_dir=tmp_path / "out",
+                      resume_dir=tmp_path / ".resume", seed=0, device="cpu", tracking=TB_ONLY,
+                      cell={"model": "swinv2_pico", "dataset": "scratch", "length": 0})
+    engine(task).run(job, progress=False)
+    records = read_jsonl(job.out_dir / "log.jsonl")
+    got = tb_scalars(job.out_dir)
+    assert_same_points(got, expected(records))
+    for name in names:
+        assert name in got, (name, sorted(got))
+    last = max(r["iter"] for r in records)
+    assert got[names[-1]][-1][0] == last  # the final evaluation at the last iteration
+    if task == "ade20k":
+        assert [s for s, _ in got["val/miou"]] == [2, 4]  # eval_every, then the end
+
+
 def test_tags_of_every_engines_records() -> None:
     # pre-training, classification, detection (its evaluation record) and segmentation
     assert scalars({"iter": 4, "loss": 0.5, "lr": 1e-3, "grad_norm": 2.0, "images_per_s": 10.0, "corrupt_images": 0}) \

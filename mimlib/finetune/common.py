@@ -111,7 +111,7 @@ def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str, step: int
     cell = job.cell
     tracker = open_tracker(
         job.tracking, log_dir=job.out_dir, state_dir=job.resume_dir, start=start if step is None else step,
-        is_main=info.is_main, recipe={**job.recipe, "_task": job.task, "_ckpt": str(job.checkpoint)}, seed=job.seed,
+        is_main=info.is_main, recipe=job.recipe, seed=job.seed,
         group=f"finetune/{job.task}/{job.model}",
         tags={"stage": "finetune", "task": job.task, "model": job.model, "dataset": cell.get("dataset"),
               "length": cell.get("length")})

@@ -375,6 +375,17 @@ def test_a_backend_without_its_package_names_the_config_key(
                         seed=0, tags={}, group="g") is None  # other ranks track nothing
 
 
+def test_a_bad_tracking_json_is_a_one_line_error_naming_the_key(tmp_path: Path, tiny_data: dict) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimlib", "pretrain", "--model", "swinv2_pico", "--recipe-json", "{}",
+         "--manifest", str(tiny_data["manifest"]), "--end-iter", "2", "--out", str(tmp_path / "x.pt"),
+         "--resume-dir", str(tmp_path / "r"), "--tracking-json", '{"wandb": {"enabled": true, "mode": "sometimes"}}'],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "mimscale: error: invalid tracking settings" in proc.stderr and "--tracking-json.wandb.mode" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
 def test_configs_have_the_tracking_block_and_the_rules_pass_it(tmp_path: Path) -> None:
     from mimlib.config import load_config
 

@@ -138,6 +138,8 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
         problems += _pretrain_problems(pretrain_recipe(cfg, model), f"pretrain (model {model})")
     problems += _finetune_problems(cfg, check_paths)
     problems += gpu_layout_problems(cfg["resources"])
+    if check_paths:  # the environment, like the folders: tools that only plan skip it
+        problems += tracking_problems(cfg["tracking"], "tracking")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
     return cfg
@@ -172,6 +174,41 @@ def check_pretrain_recipe(recipe: Mapping[str, Any], where: str = "recipe") -> d
     if problems:
         raise ConfigError("invalid pre-training recipe:\n" + "\n".join(f"  {p}" for p in problems))
     return full
+
+
+#: the package each optional tracking backend imports (mimlib.train.tracking)
+TRACKING_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def tracking_problems(block: Mapping[str, Any], where: str) -> list[str]:
+    """An enabled W&B / MLflow backend whose package is not installed (named by its key)."""
+    import importlib.util
+
+    return [f"{where}.{name}.enabled: true, but the {package!r} package is not installed "
+            f"(pip install 'mimscale[tracking]', or set {where}.{name}.enabled: false)"
+            for name, package in TRACKING_PACKAGES.items()
+            if block[name]["enabled"] and importlib.util.find_spec(package) is None]
+
+
+def check_tracking(block: Mapping[str, Any], where: str = "tracking") -> dict[str, Any]:
+    """A ``tracking`` block given on its own (``--tracking-json``): completed over the schema's
+    defaults and checked as the config's is. Its ``run`` key (name, group, tags of the job's
+    run; optional) is the job's own and passes through unchecked."""
+    import jsonschema
+
+    block = dict(block)
+    run = block.pop("run", None)
+    schema = copy.deepcopy(load_schema()["properties"]["tracking"])
+    full = _fill_defaults(copy.deepcopy(block), schema)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path))
+    problems = [f"{where}.{_key_path(e)}: {e.message}".replace(".<top level>", "") for e in errors]
+    if not problems:
+        problems = tracking_problems(full, where)
+    if run is not None and not isinstance(run, dict):
+        problems.append(f"{where}.run: {run!r} is not an object (name, group, tags)")
+    if problems:
+        raise ConfigError("invalid tracking settings:\n" + "\n".join(f"  {p}" for p in problems))
+    return {**full, **({"run": run} if run is not None else {})}
 
 
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:

@@ -1,0 +1,152 @@
+"""Issue 12, items 2 and 6 (data): one label map per dataset, window sizes that tile every
+stage, unreadable images and folder entries reported by name (docs/reliability_data.md)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mimlib.data.classification import load_classification_splits, read_inat_split
+from mimlib.data.index import (
+    CLASSES_KEY,
+    ROOT_KEY,
+    build_index,
+    read_label_map,
+    read_parquet_with_meta,
+    write_parquet_with_meta,
+)
+
+
+def _jpeg(path: Path, colour: tuple[int, int, int], size: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, "JPEG")
+
+
+def _image_folder(root: Path, classes: dict[str, int]) -> Path:
+    for k, (name, n) in enumerate(sorted(classes.items())):
+        for i in range(n):
+            _jpeg(root / name / f"{name}_{i}.JPEG", (40 * k % 256, 10 * i, 128))
+    return root
+
+
+def _indexed(tmp_path: Path, train: dict[str, int], val: dict[str, int]) -> dict[str, str]:
+    """Each split indexed on its own, as the workflow's `index` rule does (one job per split)."""
+    base = tmp_path / "ds"
+    build_index(_image_folder(base / "train", train), base / "index_train.parquet")
+    build_index(_image_folder(base / "val", val), base / "index_val.parquet")
+    return {"train_index": str(base / "index_train.parquet"), "val_index": str(base / "index_val.parquet")}
+
+
+def _labels_by_class(split) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for path, label in zip(split.paths, split.labels.tolist()):
+        out.setdefault(Path(path).parent.name, set()).add(label)
+    return out
+
+
+# ------------------------------------------------------------------ item 2: one label map
+def test_an_extra_train_class_does_not_shift_val_labels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """train has `b_extra` (sorted between `a` and `c`), val does not: on main val's `c` got label
+    1 and train's `c` label 2, so top-1 counted right answers as wrong without a word."""
+    data = _indexed(tmp_path, {"a": 2, "b_extra": 2, "c": 2}, {"a": 1, "c": 1})
+    with caplog.at_level(logging.WARNING, logger="mimlib.data.classification"):
+        splits = load_classification_splits(data)
+    train, val = _labels_by_class(splits.train), _labels_by_class(splits.val)
+    assert train == {"a": {0}, "b_extra": {1}, "c": {2}}
+    assert val == {"a": {0}, "c": {2}}  # the train split's labels
+    assert splits.num_classes == 3 and splits.class_names == ["a", "b_extra", "c"]
+    # evaluation is still right, but the class is not evaluated: a warning, kept for metrics.json
+    assert splits.classes_without_val_images == ["b_extra"]
+    assert "b_extra" in caplog.text and "no val images" in caplog.text
+
+
+def test_a_val_only_class_is_an_error_naming_it_and_the_folder(tmp_path: Path) -> None:
+    data = _indexed(tmp_path, {"a": 2, "c": 2}, {"a": 1, "b_val_only": 1, "c": 1})
+    with pytest.raises(ValueError, match=r"b_val_only") as info:
+        load_classification_splits(data)
+    assert str(tmp_path / "ds" / "val") in str(info.value) and "not class folders of the train split" in str(info.value)
+
+
+def test_the_label_map_is_stored_with_the_index_empty_folders_included(tmp_path: Path) -> None:
+    """An empty train class folder keeps its label (as ImageFolder): the map is stored in the
+    index, so val's images of that class are labelled, not called unknown."""
+    data = _indexed(tmp_path, {"a": 2, "c": 2}, {"a": 1, "b": 1, "c": 1})
+    (tmp_path / "ds" / "train" / "b").mkdir()
+    build_index(tmp_path / "ds" / "train", data["train_index"])
+    _, _, classes = read_label_map(data["train_index"])
+    assert classes == ["a", "b", "c"]
+    splits = load_classification_splits(data)
+    assert _labels_by_class(splits.val) == {"a": {0}, "b": {1}, "c": {2}}
+    assert splits.classes_without_val_images == []  # `b` has no train images, but that is not this list
+
+
+def test_an_index_without_a_stored_map_is_labelled_by_class_name(tmp_path: Path) -> None:
+    """Indexes written before the map was stored: the map is the train rows' (name, label) pairs."""
+    data = _indexed(tmp_path, {"a": 2, "b_extra": 2, "c": 2}, {"a": 1, "c": 1})
+    for key in ("train_index", "val_index"):  # rewritten as main wrote them: root and kind only
+        df, root, _ = read_label_map(data[key])
+        write_parquet_with_meta(df, data[key], {ROOT_KEY: str(root), "mimscale.kind": '"index"'})
+        assert CLASSES_KEY not in read_parquet_with_meta(data[key])[1]
+    splits = load_classification_splits(data)
+    assert _labels_by_class(splits.val) == {"a": {0}, "c": {2}}
+
+
+def test_inat_val_categories_missing_from_train_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    def doc(cats: list[int], images: dict[int, int]) -> dict:
+        return {"categories": [{"id": c, "name": f"sp{c}"} for c in cats],
+                "images": [{"id": i, "file_name": f"x/{i}.jpg"} for i in images],
+                "annotations": [{"id": i, "image_id": i, "category_id": c} for i, c in images.items()]}
+
+    (tmp_path / "train.json").write_text(json.dumps(doc([3, 5, 9], {1: 3, 2: 5, 3: 9})))
+    (tmp_path / "val.json").write_text(json.dumps(doc([3, 5, 9, 11], {10: 3, 11: 11, 12: 11})))
+    _, cat_ids, _ = read_inat_split(tmp_path, tmp_path / "train.json")
+    with pytest.raises(ValueError, match=r"val.json: 2 images have 1 category id\(s\) that are not in the train split's categories: 11"):
+        read_inat_split(tmp_path, tmp_path / "val.json", category_ids=cat_ids)
+    (tmp_path / "val.json").write_text(json.dumps(doc([3, 5, 9], {10: 3, 11: 9})))
+    with caplog.at_level(logging.WARNING, logger="mimlib.data.classification"):
+        splits = load_classification_splits({"root": str(tmp_path), "train_json": str(tmp_path / "train.json"),
+                                             "val_json": str(tmp_path / "val.json")})
+    assert splits.classes_without_val_images == ["sp5"] and "sp5" in caplog.text
+    np.testing.assert_array_equal(splits.val.labels, [0, 2])
+
+
+def test_metrics_json_lists_the_train_classes_without_val_images(tmp_path: Path) -> None:
+    """The warning is kept where a reader of the results sees it, not only in the job's log."""
+    import json
+
+    from mimlib.finetune import classification as cls
+    from mimlib.finetune.common import FinetuneJob
+
+    data = _indexed(tmp_path, {"a": 2, "b_extra": 2, "c": 2}, {"a": 1, "c": 1})
+    recipe = {"img_size": 32, "window_size": 2, "epochs": 1, "warmup_epochs": 0, "global_batch": 4, "micro_batch": 4,
+              "mixup": 0.0, "cutmix": 0.0, "num_workers": 0, "threads": 1, "auto_augment": None}
+    job = FinetuneJob(task="in1k", model="swinv2_pico", recipe=recipe, data=data, out_dir=tmp_path / "out",
+                      resume_dir=tmp_path / ".resume", checkpoint=None, seed=0, device="cpu")
+    cls.run(job, progress=False)
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["classes_without_val_images"] == ["b_extra"] and record["num_classes"] == 3
+
+
+def test_check_config_names_val_class_folders_the_train_folder_lacks(tmp_path: Path, smoke_config: dict) -> None:
+    """Reported before any job (pre-training can take days before fine-tuning reads the indexes)."""
+    import copy
+
+    from mimlib.config import ConfigError, validate_config
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    for d in (train / "n01", train / "n02", val / "n01", val / "n02", val / "n03_val_only", val / ".hidden"):
+        d.mkdir(parents=True)
+    cfg = copy.deepcopy(smoke_config)
+    cfg["sources"]["imagenet"] = {"train": str(train), "val": str(val)}
+    with pytest.raises(ConfigError, match=r"sources.imagenet.val: 1 class folder\(s\) of .* are not in the train "
+                                          r"folder .*finetune.in1k could not label them: 'n03_val_only'$"):
+        validate_config(cfg)
+    (val / "n03_val_only").rmdir()
+    (train / "n04_train_only").mkdir()  # evaluation stays right: reported by the job, not refused
+    validate_config(cfg)

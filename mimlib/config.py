@@ -81,7 +81,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     """
     import jsonschema
 
-    from mimlib.models.registry import MODELS  # torch-free: every Snakemake job validates
+    from mimlib.models.registry import MODELS, window_problems  # torch-free: every Snakemake job validates
     from mimlib.resources import gpu_layout_problems
 
     cfg = _fill_defaults(copy.deepcopy(dict(raw)), load_schema())
@@ -136,7 +136,10 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
         if model not in MODELS:
             continue
         # its keys and types were checked by the schema
-        problems += _pretrain_problems(pretrain_recipe(cfg, model), f"pretrain (model {model})")
+        recipe = pretrain_recipe(cfg, model)
+        problems += _pretrain_problems(recipe, f"pretrain (model {model})")
+        problems += [f"pretrain (model {model}): {p}" for p in
+                     window_problems(model, recipe["img_size"], recipe["window_size"], recipe["patch_size"])]
     problems += _finetune_problems(cfg, check_paths)
     problems += gpu_layout_problems(cfg["resources"])
     if problems:
@@ -177,6 +180,7 @@ def check_pretrain_recipe(recipe: Mapping[str, Any], where: str = "recipe") -> d
 
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
     from mimlib.finetune import DEMO_TASKS, TASKS, check_recipe, default_recipe
+    from mimlib.models.registry import MODELS, window_problems
 
     problems: list[str] = []
     ft = cfg["finetune"]
@@ -214,9 +218,13 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
         if not unknown:  # every model's recipe is checked here, before any job starts
             for model in cfg["models"]:
                 try:
-                    check_recipe(task, finetune_recipe(cfg, task, model))
+                    recipe = check_recipe(task, finetune_recipe(cfg, task, model))
                 except ValueError as exc:
                     problems.append(f"{key}.recipe (model {model}): {exc}")
+                    continue
+                if TASKS[task].fixed_input_size and model in MODELS:
+                    problems += [f"{key}.recipe (model {model}): {p}" for p in
+                                 window_problems(model, recipe["img_size"], recipe["window_size"])]
     return problems
 
 

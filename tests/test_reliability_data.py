@@ -150,3 +150,60 @@ def test_check_config_names_val_class_folders_the_train_folder_lacks(tmp_path: P
     (val / "n03_val_only").rmdir()
     (train / "n04_train_only").mkdir()  # evaluation stays right: reported by the job, not refused
     validate_config(cfg)
+
+
+# ------------------------------------------------------------------ item 6a: windows that tile
+def test_a_window_that_does_not_tile_a_stage_is_refused_naming_model_sizes_and_stage() -> None:
+    """224 px / window 12: stage 0 is 56x56 tokens, which timm silently padded to 60x60."""
+    from mimlib.models.swinv2 import build_encoder
+
+    with pytest.raises(ValueError, match=r"swinv2_b at img_size 224 / window_size 12: the window does not tile "
+                                         r"stage 0 \(56x56 tokens; timm would pad it to 60\)"):
+        build_encoder("swinv2_b", img_size=224, window_size=12, device="meta")
+    with pytest.raises(ValueError, match=r"swinv2_pico3 at img_size 96 / window_size 4: .* stage 2 \(6x6 tokens"):
+        build_encoder("swinv2_pico3", img_size=96, window_size=4, device="meta")
+    with pytest.raises(ValueError, match=r"img_size 100 is not a multiple of the last stage's stride 32"):
+        build_encoder("swinv2_pico", img_size=100, window_size=5, device="meta")
+
+
+def test_a_window_larger_than_a_small_stage_is_clamped_as_timm_does() -> None:
+    """timm shrinks the window of a map no larger than it (`_calc_window_shift`): allowed, and the
+    built model has the windows the check assumed. Detection (any input size) is not checked."""
+    from mimlib.models.swinv2 import build_encoder
+
+    enc = build_encoder("swinv2_b", img_size=192, window_size=12, device="meta")  # the paper's pre-training
+    assert [tuple(s.blocks[0].window_size) for s in enc.layers] == [(12, 12), (12, 12), (12, 12), (6, 6)]
+    enc = build_encoder("swinv2_pico", img_size=64, window_size=8, device="meta")  # maps 16, 8, 4, 2
+    assert [tuple(s.blocks[0].window_size) for s in enc.layers] == [(8, 8), (8, 8), (4, 4), (2, 2)]
+    build_encoder("swinv2_b", img_size=1024, window_size=14, strict_img_size=False, device="meta")  # COCO
+    with pytest.raises(ValueError, match="stage 3"):  # timm keeps the window: 6x6 would be padded
+        build_encoder("swinv2_b", img_size=192, window_size=12, always_partition=True, device="meta")
+
+
+@pytest.mark.parametrize("where, mutate, message", [
+    ("pretrain", lambda c: c["pretrain"].update(window_size=3),
+     r"pretrain \(model swinv2_pico\): swinv2_pico at img_size 64 / window_size 3: the window does not tile stage 0"),
+    ("pretrain.per_model", lambda c: c["pretrain"].update(per_model={"swinv2_pico": {"img_size": 96}}),
+     r"pretrain \(model swinv2_pico\): swinv2_pico at img_size 96 / window_size 4: .* stage 2 \(6x6 tokens"),
+    ("finetune", lambda c: c["finetune"]["in1k"]["recipe"].update(window_size=6),
+     r"finetune.in1k.recipe \(model swinv2_pico\): swinv2_pico at img_size 64 / window_size 6: .* stage 0"),
+])
+def test_check_config_refuses_windows_that_do_not_tile(smoke_config: dict, where: str, mutate, message: str) -> None:
+    import copy
+
+    from mimlib.config import ConfigError, validate_config
+
+    cfg = copy.deepcopy(smoke_config)
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg, check_paths=False)
+
+
+def test_check_config_accepts_the_shipped_configs_and_a_coco_window_that_pads() -> None:
+    from mimlib.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("config.yaml", "smoke.yaml", "paper.yaml"):
+        load_config(root / "config" / name, check_paths=False)
+    paper = load_config(root / "config" / "paper.yaml", check_paths=False)
+    assert paper["finetune"]["coco"]["recipe"].get("window_size", 14) == 14  # 1024 px: 256x256 tokens, padded

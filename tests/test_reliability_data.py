@@ -207,3 +207,101 @@ def test_check_config_accepts_the_shipped_configs_and_a_coco_window_that_pads() 
         load_config(root / "config" / name, check_paths=False)
     paper = load_config(root / "config" / "paper.yaml", check_paths=False)
     assert paper["finetune"]["coco"]["recipe"].get("window_size", 14) == 14  # 1024 px: 256x256 tokens, padded
+
+
+# ------------------------------------------------------------------ item 6b: unreadable entries
+def test_a_symlink_loop_image_is_reported_like_a_corrupt_file(tmp_path: Path) -> None:
+    """`x.JPEG -> x.JPEG`: opening it raised a raw OSError (ELOOP) on main."""
+    from mimlib.data.decode import CorruptImageError, UnreadableImageError, decode_for_crop, decode_rgb_tensor, load_rgb
+
+    loop = tmp_path / "x.JPEG"
+    loop.symlink_to(loop)
+    for fn in (load_rgb, decode_rgb_tensor, decode_for_crop):
+        with pytest.raises(UnreadableImageError, match=rf"cannot read image '{loop}': a symlink loop") as info:
+            fn(loop)
+        assert isinstance(info.value, CorruptImageError) and info.value.path == str(loop)
+    with pytest.raises(FileNotFoundError):  # a missing file is still not an unreadable one
+        load_rgb(tmp_path / "missing.JPEG")
+
+
+def test_an_image_without_read_permission_is_reported_like_a_corrupt_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tests run as root, where `chmod 000` does not stop reading, so the PermissionError
+    is simulated: `open` in mimlib.data.decode raises it for one path, as it does for a user
+    without read permission. On main it escaped as a raw PermissionError."""
+    import builtins
+    import pickle
+
+    from mimlib.data import decode
+
+    good, locked = tmp_path / "good.JPEG", tmp_path / "locked.JPEG"
+    _jpeg(good, (1, 2, 3))
+    _jpeg(locked, (4, 5, 6))
+
+    def guarded_open(file, *args, **kw):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kw)
+
+    monkeypatch.setattr(decode, "open", guarded_open, raising=False)
+    assert decode.load_rgb(good).size == (16, 16)
+    for fn in (decode.load_rgb, decode.decode_rgb_tensor):
+        with pytest.raises(decode.UnreadableImageError, match=rf"'{locked}': PermissionError: Permission denied"):
+            fn(locked)
+    err = pickle.loads(pickle.dumps(decode.UnreadableImageError(str(locked), "PermissionError: x")))  # loader workers
+    assert type(err) is decode.UnreadableImageError and str(locked) in str(err)
+
+
+def test_pretraining_skips_and_counts_an_unreadable_image(tmp_path: Path, tiny_recipe: dict) -> None:
+    """Pre-training replaces an unreadable file by another draw and reports it, as a corrupt one."""
+    import pandas as pd
+
+    from mimlib.data.pretrain_data import PretrainDataset
+
+    root = _image_folder(tmp_path / "imgs", {"a": 4})
+    (root / "a" / "loop.JPEG").symlink_to(root / "a" / "loop.JPEG")
+    paths = sorted(f"a/{p.name}" for p in (root / "a").iterdir())
+    manifest = pd.DataFrame({"path": paths, "class_name": "a", "label": 0})
+    ds = PretrainDataset(manifest, root, {**tiny_recipe, "img_size": 16, "mask_patch_size": 8, "patch_size": 4}, seed=0)
+    failed = [p for slot in range(tiny_recipe["global_batch"]) for p in ds[(0, slot)]["failed"]]
+    failed += [p for slot in range(tiny_recipe["global_batch"]) for p in ds[(1, slot)]["failed"]]
+    assert set(failed) == {str(root / "a" / "loop.JPEG")}
+
+
+def test_a_symlink_loop_in_a_dataset_folder_is_named_by_the_index(tmp_path: Path) -> None:
+    """A looping class folder and a looping image: one ValueError naming both (main: a raw
+    OSError for the first one only)."""
+    from mimlib.data.index import scan_image_folder
+
+    root = _image_folder(tmp_path / "imgs", {"a": 1, "b": 1})
+    (root / "c_loop").symlink_to(root / "c_loop")
+    (root / "a" / "x.JPEG").symlink_to(root / "a" / "x.JPEG")
+    (root / "a" / "notes").symlink_to(root / "a" / "notes")  # not an image name: never examined
+    with pytest.raises(ValueError, match=r"2 entries cannot be read") as info:
+        scan_image_folder(root)
+    msg = str(info.value)
+    assert f"'{root / 'c_loop'}': a symlink loop" in msg and f"'{root / 'a' / 'x.JPEG'}': a symlink loop" in msg
+    assert str(root) in msg and "notes" not in msg
+
+
+def test_a_class_folder_that_cannot_be_listed_is_named_by_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root a folder with mode 000 can still be listed, so the PermissionError is simulated
+    (os.scandir in mimlib.data.index raises it for one class folder)."""
+    import os
+
+    from mimlib.data import index
+
+    root = _image_folder(tmp_path / "imgs", {"a": 1, "b": 1})
+    real = os.scandir
+
+    def guarded_scandir(path):
+        if Path(path) == root / "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(index.os, "scandir", guarded_scandir)
+    with pytest.raises(ValueError, match=rf"1 entry cannot be read: '{root / 'b'}': not readable \(Permission denied\)"):
+        index.scan_image_folder(root)

@@ -83,7 +83,8 @@ class _Unreadable:
         shown = "; ".join(f"{p!r}: {why}" for p, why in self.entries[:5])
         more = f" (and {len(self.entries) - 5} more)" if len(self.entries) > 5 else ""
         raise ValueError(
-            f"image folder {str(self.root)!r}: {len(self.entries)} entries cannot be read: {shown}{more}; "
+            f"image folder {str(self.root)!r}: {len(self.entries)} "
+            f"{'entry' if len(self.entries) == 1 else 'entries'} cannot be read: {shown}{more}; "
             f"fix or remove them (the index lists every image the folder has, so none is skipped silently)"
         )
 

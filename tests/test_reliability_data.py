@@ -106,7 +106,8 @@ def test_inat_val_categories_missing_from_train_are_named(tmp_path: Path, caplog
     (tmp_path / "train.json").write_text(json.dumps(doc([3, 5, 9], {1: 3, 2: 5, 3: 9})))
     (tmp_path / "val.json").write_text(json.dumps(doc([3, 5, 9, 11], {10: 3, 11: 11, 12: 11})))
     _, cat_ids, _ = read_inat_split(tmp_path, tmp_path / "train.json")
-    with pytest.raises(ValueError, match=r"val.json: 2 images have 1 category id\(s\) that are not in the train split's categories: 11"):
+    with pytest.raises(ValueError, match=r"val.json: 2 images have 1 category id\(s\) that are not in the "
+                                         r"train split's categories: 11"):
         read_inat_split(tmp_path, tmp_path / "val.json", category_ids=cat_ids)
     (tmp_path / "val.json").write_text(json.dumps(doc([3, 5, 9], {10: 3, 11: 9})))
     with caplog.at_level(logging.WARNING, logger="mimlib.data.classification"):

@@ -6,9 +6,9 @@ and an undecodable file raises :class:`CorruptImageError` naming it instead of y
 half-grey picture. A file that exists but cannot be read (no read permission, a symlink loop,
 an I/O error) raises :class:`UnreadableImageError`, a ``CorruptImageError``, so every
 consumer counts and reports it as it does a corrupt file (pre-training skips it within its
-limit); only a missing file stays ``FileNotFoundError`` (an index older than its folder). Truncated files must fail: Pillow's global
-``ImageFile.LOAD_TRUNCATED_IMAGES`` has to stay ``False`` (we check it on every call, since
-any imported library could flip it).
+limit); only a missing file stays ``FileNotFoundError`` (an index older than its folder).
+Truncated files must fail: Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` has to stay
+``False`` (we check it on every call, since any imported library could flip it).
 
 Two entry points, both RGB:
 

@@ -294,11 +294,11 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         epoch_grad_norm=float(extra.get("epoch_grad_norm", 0.0)) if start_update else 0.0, epoch_first=start_update,
     )
     train(task)
-    return _finish(job, info, task, started, init_info)
+    return _finish(job, info, task, started, init_info, splits.classes_without_val_images)
 
 
 def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, started: float,
-            init_info: dict[str, Any]) -> dict[str, Any]:
+            init_info: dict[str, Any], classes_without_val_images: list[Any]) -> dict[str, Any]:
     """Publish last.pt and the best epoch's best.pt, write metrics.json, drop the resume state."""
     r, best, out_dir = task.recipe, task.best, Path(job.out_dir)
     if info.is_main:
@@ -310,8 +310,9 @@ def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, star
             raise RuntimeError(f"the best epoch's weights are neither in {task.work_best} nor in {out_dir / 'best.pt'}")
     metrics = {"top1": best["best_top1"], "top5": best["best_top5"], "top1_last": float(best["last_top1"]),
                "best_epoch": best["best_epoch"]}
+    # A train class without val images is not evaluated (a warning in the log); kept here too.
     record = write_metrics(job, info, metrics, started, epochs=r["epochs"], num_classes=task.num_classes,
-                           init=init_info.get("format"))
+                           init=init_info.get("format"), classes_without_val_images=list(classes_without_val_images))
     if info.is_main:
         task.logger.close()
         task.work_best.unlink(missing_ok=True)

@@ -83,6 +83,13 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking(args: argparse.Namespace) -> dict:
+    """``--tracking-json`` over the schema's defaults (without it: the defaults, TensorBoard on)."""
+    from mimlib.config import check_tracking
+
+    return check_tracking(json.loads(args.tracking_json) if args.tracking_json else {}, "--tracking-json")
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimlib.config import check_pretrain_recipe
     from mimlib.train.pretrain import PretrainJob, run_pretrain
@@ -104,6 +111,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         cell=json.loads(args.cell_json) if args.cell_json else {},
         save_optimizer=not args.no_optimizer,
         device=args.device,
+        tracking=_tracking(args),
     )
     from mimlib.train.preemption import Preempted
 
@@ -138,6 +146,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         cell=json.loads(args.cell_json) if args.cell_json else {},
         device=args.device,
         trust_pickle=args.trust_pickle,
+        tracking=_tracking(args),
     )
     task = engine(args.task)  # its run() checks the recipe first
     from mimlib.train.preemption import Preempted
@@ -199,6 +208,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACKING_HELP = ("the config's tracking block (TensorBoard, W&B, MLflow; default: TensorBoard event files in the "
+                 "job's folder), optionally with run: {name, group, tags}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimlib", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -257,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-optimizer", action="store_true", help="leave AdamW state out of --out")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--tracking-json", type=_json_text, help=TRACKING_HELP)
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("task-demo", help="write a fine-tuning task's demo set in its real format")
@@ -278,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--tracking-json", type=_json_text, help=TRACKING_HELP)
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("finetune-summary", help="collect fine-tuning metrics of a study")
@@ -321,6 +336,9 @@ def _user_error(exc: BaseException) -> bool:
         return True
     distributed = sys.modules.get("mimlib.train.distributed")  # loaded by the training commands
     if distributed is not None and isinstance(exc, distributed.DeviceError):
+        return True
+    tracking = sys.modules.get("mimlib.train.tracking")
+    if tracking is not None and isinstance(exc, tracking.TrackingError):
         return True
     if isinstance(exc, OSError):  # a path that is missing, unreadable, a folder...
         return exc.filename is not None or isinstance(exc, _PATH_ERRORS)

@@ -4,6 +4,7 @@ description, optimiser groups with layer decay, resumable state, and the metrics
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from torch import nn
 from mimlib.models.swinv2 import get_spec
 from mimlib.provenance import recipe_hash
 from mimlib.train import checkpoint as ckpt
-from mimlib.train.distributed import DistInfo
+from mimlib.train import final_state
+from mimlib.train.distributed import DistInfo, barrier
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 
@@ -39,6 +41,9 @@ class FinetuneJob:
     cell: dict[str, Any] = field(default_factory=dict)  # model / dataset / length of the pre-training
     device: str = "auto"
     trust_pickle: bool = False  # for reference checkpoints that pickle their config
+    # Keep the final state in resume_dir when done, so a rerun re-writes metrics.json without
+    # training (the workflow, which removes it once recorded: mimlib/train/final_state.py).
+    keep_final: bool = False
 
 
 def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.device,
@@ -51,6 +56,9 @@ def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.devi
         groups, lr=recipe["lr"], betas=tuple(recipe["betas"]),
         eps=recipe["eps"], fused=device.type == "cuda",
     )
+
+
+FINISHED_KEY = "finished"  # in load()'s extra state: the finished job's metrics record
 
 
 class ResumableState:
@@ -72,6 +80,8 @@ class ResumableState:
         state = ckpt.load(path, map_location=self.info.device)
         if state.get("recipe_hash") != self.hash:
             raise RuntimeError(f"resume state {path} is from another recipe; move it away to start over")
+        if state.get("finished"):  # the job's final state: see republish()
+            return step, {FINISHED_KEY: final_state.read_finished(self.job.resume_dir, step)}
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         return step, state.get("extra", {})
@@ -84,9 +94,13 @@ class ResumableState:
                 self.job.resume_dir, step,
             )
 
-    def finish(self) -> None:
-        """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state."""
-        if self.info.is_main:
+    def finish(self, step: int | None = None, record: dict[str, Any] | None = None) -> None:
+        """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state --
+        or, with ``job.keep_final``, keep its final state at ``step``: the metrics ``record``
+        and the log, then a rolling file at ``step`` without weights (read by :meth:`load`)."""
+        if self.info.is_main and self.job.keep_final and step is not None and record is not None:
+            self._keep_final(step, record)
+        elif self.info.is_main:
             work_log = Path(self.job.resume_dir) / "log.jsonl"
             if work_log.exists():
                 copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
@@ -95,6 +109,38 @@ class ResumableState:
                 p.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 Path(self.job.resume_dir).rmdir()
+
+    def _keep_final(self, step: int, record: dict[str, Any]) -> None:
+        resume_dir = Path(self.job.resume_dir)
+        work_log = resume_dir / "log.jsonl"
+        if work_log.exists():
+            copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
+        final_state.write_finished(resume_dir, step, record)
+        ckpt.save_rolling({"recipe_hash": self.hash, "step": step, "finished": True}, resume_dir, step)
+        for i, p in ckpt.rolling_checkpoints(resume_dir):
+            if i < step:
+                p.unlink(missing_ok=True)
+
+    def republish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The job finished before (:meth:`load` found its final state), but ``metrics.json`` was
+        deleted -- by Snakemake, which never recorded a job that completed after Snakemake itself
+        was interrupted: write it (and the log) again from the final state, without training."""
+        record = extra[FINISHED_KEY]
+        resume_dir = Path(self.job.resume_dir)
+        if record is None:
+            raise RuntimeError(f"{resume_dir} holds a finished job's state but no readable "
+                               f"{final_state.FINISHED}; move the folder away to run the job again")
+        if self.info.is_main:
+            write_json_atomic(record, Path(self.job.out_dir) / "metrics.json")
+            if (resume_dir / "log.jsonl").exists():
+                copy_atomic(resume_dir / "log.jsonl", Path(self.job.out_dir) / "log.jsonl")
+            logging.getLogger(__name__).info(
+                "%s %s: finished before (final state in %s): metrics.json re-created without training",
+                self.job.task, self.job.model, resume_dir)
+            if not self.job.keep_final:
+                final_state.drop_final_state(resume_dir)
+        barrier(self.info)
+        return record
 
 
 def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str) -> JsonlLogger:

@@ -312,6 +312,7 @@ def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, star
                            init=init_info.get("format"))
     if info.is_main:
         task.work_best.unlink(missing_ok=True)
-        task.state.finish(task.total, record)
+        task.state.set_final(task.total, record)
+        task.state.finish()
     barrier(info)
     return record

@@ -94,12 +94,17 @@ class ResumableState:
                 self.job.resume_dir, step,
             )
 
-    def finish(self, step: int | None = None, record: dict[str, Any] | None = None) -> None:
+    def set_final(self, step: int, record: dict[str, Any]) -> None:
+        """The job's last update and its metrics record, for :meth:`finish` to keep."""
+        self._final = (step, record)
+
+    def finish(self) -> None:
         """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state --
-        or, with ``job.keep_final``, keep its final state at ``step``: the metrics ``record``
-        and the log, then a rolling file at ``step`` without weights (read by :meth:`load`)."""
-        if self.info.is_main and self.job.keep_final and step is not None and record is not None:
-            self._keep_final(step, record)
+        or, with ``job.keep_final``, keep its final state (:meth:`set_final`): the metrics record
+        and the log, then a rolling file at the last update without weights (read by :meth:`load`)."""
+        final = getattr(self, "_final", None)
+        if self.info.is_main and self.job.keep_final and final is not None:
+            self._keep_final(*final)
         elif self.info.is_main:
             work_log = Path(self.job.resume_dir) / "log.jsonl"
             if work_log.exists():

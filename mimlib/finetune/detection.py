@@ -377,7 +377,8 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         iterations=total, epoch_iters=epoch_iters, train_images=len(train_set), val_images=len(val_set),
         num_predictions=len(results) if info.is_main else None, eval_s=eval_s, encoder=load_info,
     )
-    state.finish(total, record)
+    state.set_final(total, record)
+    state.finish()
     barrier(info)
     return record
 

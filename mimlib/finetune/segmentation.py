@@ -318,6 +318,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     if info.is_main and r["save_weights"]:
         ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
                           "recipe": job.recipe}, Path(job.out_dir) / "last.pt")
-    state.finish(r["iters"], record)
+    state.set_final(r["iters"], record)
+    state.finish()
     barrier(info)
     return record

@@ -83,6 +83,13 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking(args: argparse.Namespace) -> dict:
+    """``--tracking-json`` over the schema's defaults (without it: the defaults, TensorBoard on)."""
+    from mimlib.config import check_tracking
+
+    return check_tracking(json.loads(args.tracking_json) if args.tracking_json else {}, "--tracking-json")
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimlib.config import check_pretrain_recipe
     from mimlib.train.pretrain import PretrainJob, run_pretrain
@@ -105,6 +112,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         save_optimizer=not args.no_optimizer,
         device=args.device,
         keep_final=args.keep_final_state,
+        tracking=_tracking(args),
     )
     from mimlib.train.preemption import Preempted
 
@@ -140,6 +148,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         device=args.device,
         trust_pickle=args.trust_pickle,
         keep_final=args.keep_final_state,
+        tracking=_tracking(args),
     )
     task = engine(args.task)  # its run() checks the recipe first
     from mimlib.train.preemption import Preempted
@@ -199,6 +208,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for fmt, path in written.items():
         print(f"{fmt}: {path}")
     return 0
+
+
+TRACKING_HELP = ("the config's tracking block (TensorBoard, W&B, MLflow; default: TensorBoard event files in the "
+                 "job's folder), optionally with run: {name, group, tags}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when done, keep the final state in --resume-dir: a rerun whose outputs were deleted re-creates them without training (the workflow passes it and removes the state once Snakemake has recorded the job; docs/cluster.md)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--tracking-json", type=_json_text, help=TRACKING_HELP)
     s.set_defaults(func=_cmd_pretrain)
 
     s = sub.add_parser("task-demo", help="write a fine-tuning task's demo set in its real format")
@@ -284,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when done, keep the final state in --resume-dir: a rerun whose outputs were deleted re-creates them without training (the workflow passes it and removes the state once Snakemake has recorded the job; docs/cluster.md)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--tracking-json", type=_json_text, help=TRACKING_HELP)
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("finetune-summary", help="collect fine-tuning metrics of a study")
@@ -327,6 +342,9 @@ def _user_error(exc: BaseException) -> bool:
         return True
     distributed = sys.modules.get("mimlib.train.distributed")  # loaded by the training commands
     if distributed is not None and isinstance(exc, distributed.DeviceError):
+        return True
+    tracking = sys.modules.get("mimlib.train.tracking")
+    if tracking is not None and isinstance(exc, tracking.TrackingError):
         return True
     if isinstance(exc, OSError):  # a path that is missing, unreadable, a folder...
         return exc.filename is not None or isinstance(exc, _PATH_ERRORS)

@@ -8,6 +8,7 @@ any job starts, with an error naming the key.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -80,7 +81,7 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
     """
     import jsonschema
 
-    from mimlib.models.registry import MODELS  # torch-free: every Snakemake job validates
+    from mimlib.models.registry import MODELS, window_problems  # torch-free: every Snakemake job validates
     from mimlib.resources import gpu_layout_problems
 
     cfg = _fill_defaults(copy.deepcopy(dict(raw)), load_schema())
@@ -135,9 +136,14 @@ def validate_config(raw: Mapping[str, Any], check_paths: bool = True) -> dict[st
         if model not in MODELS:
             continue
         # its keys and types were checked by the schema
-        problems += _pretrain_problems(pretrain_recipe(cfg, model), f"pretrain (model {model})")
+        recipe = pretrain_recipe(cfg, model)
+        problems += _pretrain_problems(recipe, f"pretrain (model {model})")
+        problems += [f"pretrain (model {model}): {p}" for p in
+                     window_problems(model, recipe["img_size"], recipe["window_size"], recipe["patch_size"])]
     problems += _finetune_problems(cfg, check_paths)
     problems += gpu_layout_problems(cfg["resources"])
+    if check_paths:  # the environment, like the folders: tools that only plan skip it
+        problems += tracking_problems(cfg["tracking"], "tracking")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
     return cfg
@@ -174,8 +180,44 @@ def check_pretrain_recipe(recipe: Mapping[str, Any], where: str = "recipe") -> d
     return full
 
 
+#: the package each optional tracking backend imports (mimlib.train.tracking)
+TRACKING_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def tracking_problems(block: Mapping[str, Any], where: str) -> list[str]:
+    """An enabled W&B / MLflow backend whose package is not installed (named by its key)."""
+    import importlib.util
+
+    return [f"{where}.{name}.enabled: true, but the {package!r} package is not installed "
+            f"(pip install 'mimscale[tracking]', or set {where}.{name}.enabled: false)"
+            for name, package in TRACKING_PACKAGES.items()
+            if block[name]["enabled"] and importlib.util.find_spec(package) is None]
+
+
+def check_tracking(block: Mapping[str, Any], where: str = "tracking") -> dict[str, Any]:
+    """A ``tracking`` block given on its own (``--tracking-json``): completed over the schema's
+    defaults and checked as the config's is. Its ``run`` key (name, group, tags of the job's
+    run; optional) is the job's own and passes through unchecked."""
+    import jsonschema
+
+    block = dict(block)
+    run = block.pop("run", None)
+    schema = copy.deepcopy(load_schema()["properties"]["tracking"])
+    full = _fill_defaults(copy.deepcopy(block), schema)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(full), key=lambda e: list(e.absolute_path))
+    problems = [f"{where}.{_key_path(e)}: {e.message}".replace(".<top level>", "") for e in errors]
+    if not problems:
+        problems = tracking_problems(full, where)
+    if run is not None and not isinstance(run, dict):
+        problems.append(f"{where}.run: {run!r} is not an object (name, group, tags)")
+    if problems:
+        raise ConfigError("invalid tracking settings:\n" + "\n".join(f"  {p}" for p in problems))
+    return {**full, **({"run": run} if run is not None else {})}
+
+
 def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
     from mimlib.finetune import DEMO_TASKS, TASKS, check_recipe, default_recipe
+    from mimlib.models.registry import MODELS, window_problems
 
     problems: list[str] = []
     ft = cfg["finetune"]
@@ -192,6 +234,8 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
             src = data.get("source")
             if src not in cfg["sources"]:
                 problems.append(f"{key}.data.source: unknown source {src!r} (known: {sorted(cfg['sources'])})")
+            elif check_paths:
+                problems += _split_class_problems(cfg["sources"][src], f"sources.{src}", key)
         elif "demo" in data:
             if task not in DEMO_TASKS:
                 problems.append(f"{key}.data.demo: no demo generator for {task}")
@@ -211,10 +255,38 @@ def _finetune_problems(cfg: dict[str, Any], check_paths: bool) -> list[str]:
         if not unknown:  # every model's recipe is checked here, before any job starts
             for model in cfg["models"]:
                 try:
-                    check_recipe(task, finetune_recipe(cfg, task, model))
+                    recipe = check_recipe(task, finetune_recipe(cfg, task, model))
                 except ValueError as exc:
                     problems.append(f"{key}.recipe (model {model}): {exc}")
+                    continue
+                if TASKS[task].fixed_input_size and model in MODELS:
+                    problems += [f"{key}.recipe (model {model}): {p}" for p in
+                                 window_problems(model, recipe["img_size"], recipe["window_size"])]
     return problems
+
+
+def _class_folders(folder: str) -> set[str]:
+    # What mimlib.data.index lists as classes (non-hidden folders), without importing pandas.
+    with os.scandir(folder) as it:
+        return {e.name for e in it if not e.name.startswith(".") and e.is_dir()}
+
+
+def _split_class_problems(src: Mapping[str, Any], where: str, task_key: str) -> list[str]:
+    """A fine-tuning source's val class folders must all be train class folders: labels come
+    from the train split's label map, so a val-only class has no label (mimlib.data.classification).
+    Checked here, before pre-training, as well as when the fine-tuning job reads the indexes."""
+    if src.get("demo") or "train" not in src or "val" not in src:
+        return []
+    try:
+        train, val = _class_folders(src["train"]), _class_folders(src["val"])
+    except OSError:  # a missing folder is reported above; anything else when the index is built
+        return []
+    extra = sorted(val - train)
+    if not extra:
+        return []
+    shown = ", ".join(repr(c) for c in extra[:10]) + (f" (and {len(extra) - 10} more)" if len(extra) > 10 else "")
+    return [f"{where}.val: {len(extra)} class folder(s) of {src['val']!r} are not in the train folder "
+            f"{src['train']!r}, so {task_key} could not label them: {shown}"]
 
 
 def finetune_recipe(cfg: Mapping[str, Any], task: str, model: str) -> dict[str, Any]:

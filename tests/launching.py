@@ -31,13 +31,16 @@ def pretrain_args(j: PretrainJob) -> list[str]:
         args += ["--val-index", str(j.val_index)]
     if j.decay_at is not None:
         args += ["--decay-at", str(j.decay_at)]
+    if j.tracking is not None:
+        args += ["--tracking-json", json.dumps(j.tracking)]
     return args
 
 
 def finetune_args(j: FinetuneJob) -> list[str]:
     return ["finetune", "--task", j.task, "--model", j.model, "--recipe-json", json.dumps(j.recipe),
             "--data-json", json.dumps(j.data, default=str), "--out-dir", str(j.out_dir),
-            "--resume-dir", str(j.resume_dir), "--device", j.device, "--no-progress"]
+            "--resume-dir", str(j.resume_dir), "--device", j.device, "--no-progress",
+            *(["--tracking-json", json.dumps(j.tracking)] if j.tracking is not None else [])]
 
 
 def mimlib_cmd(args: list[str], ranks: int = 1) -> list[str]:

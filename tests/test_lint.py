@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JUSTIFIED = {
     "Specify a conda environment or container for each rule.",
     "Shell command directly uses variable MIMLIB from outside of the rule",
+    "Shell command directly uses variable TRACKING from outside of the rule",
     "Mixed rules and functions in same snakefile.",
 }
 

@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "write_index": "index",
     "read_index": "index",
     "build_index": "index",
+    "read_label_map": "index",
     # manifests
     "fraction_subset": "manifests",
     "class_subset": "manifests",
@@ -25,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "build_manifest": "manifests",
     # decode
     "CorruptImageError": "decode",
+    "UnreadableImageError": "decode",
     "load_rgb": "decode",
     "decode_rgb_tensor": "decode",
     "decode_for_crop": "decode",

@@ -5,6 +5,15 @@ Fine-tuning data must be clean: an image that does not decode raises
 :class:`~mimlib.data.decode.CorruptImageError` naming the file (no skipping, no grey images),
 and a json image without exactly one category raises ``ValueError``.
 
+One label map per dataset, the train split's: an ImageNet-layout dataset's is the train
+index's sorted class folders (:func:`mimlib.data.index.read_label_map`), and val images are
+labelled by class *name* through it (the val index's own label column, the positions of its
+folders, is not used), so a class folder only one split has cannot shift the other's labels.
+A val class the train split lacks is an error naming it; a train class without val images
+is a warning, logged and kept in :attr:`ClassificationSplits.classes_without_val_images`
+(the engine writes it into ``metrics.json``). iNaturalist's map is train_json's category list,
+with the same two checks for val_json.
+
 Augmentation randomness is made a pure function of ``(seed, epoch, sample index)``: the
 sampler hands the dataset ``(index, epoch)`` keys and the dataset seeds Python's, NumPy's and
 torch's global generators (timm's crop / RandAugment / random erasing draw from all three)
@@ -15,9 +24,10 @@ number of loader workers, the world size, or where a run was interrupted and res
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mimlib.data.decode import load_rgb
-from mimlib.data.index import read_index
+from mimlib.data.index import read_label_map
 from mimlib.data.sampling import stable_seed
 
 __all__ = [
@@ -39,6 +49,8 @@ __all__ = [
     "read_imagenet_split",
     "read_inat_split",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,20 +70,50 @@ class ClassificationSplits:
     val: Split
     num_classes: int
     class_names: list[str]
+    #: classes of the label map with train images but none in val: top-1 is still right (over
+    #: the classes val has), but they are not evaluated
+    classes_without_val_images: list[str] = field(default_factory=list)
 
 
-def read_imagenet_split(index_path: str | os.PathLike[str]) -> tuple[Split, list[str]]:
+def _shown(names: Sequence[Any], limit: int = 10) -> str:
+    head = ", ".join(repr(n) for n in names[:limit])
+    return f"{head}{f' (and {len(names) - limit} more)' if len(names) > limit else ''}"
+
+
+def read_imagenet_split(
+    index_path: str | os.PathLike[str], classes: Sequence[str] | None = None
+) -> tuple[Split, list[str]]:
     """(split, class names by label) from a mimscale Parquet index (``read_index``).
 
-    Labels are the index's (position of the class folder in the sorted list of the train
-    split's folders; build the val index with the train classes so both agree).
+    Without ``classes`` the labels are the index's own label map (its sorted class folders).
+    With ``classes`` (the train split's label map; pass it when reading val) every image is
+    labelled by its class name's position in it, and a class not in it raises ``ValueError``
+    naming the classes, the index and its folder.
     """
-    df, root = read_index(index_path)
+    df, root, own = read_label_map(index_path)
+    label_map = list(own if classes is None else classes)
+    label_of = {name: i for i, name in enumerate(label_map) if name}
+    names = df["class_name"].to_numpy()
+    unknown = sorted(set(names.tolist()) - set(label_of))
+    if unknown:
+        raise ValueError(
+            f"{str(index_path)!r} (folder {str(root)!r}) has images of {len(unknown)} class(es) that are not class "
+            f"folders of the train split: {_shown(unknown)}; train and val must have the same class folders "
+            f"(remove them from val, or add them to train and re-index)"
+        )
+    labels = np.fromiter((label_of[n] for n in names.tolist()), dtype=np.int64, count=len(names))
     paths = [str(root / p) for p in df["path"].tolist()]
-    labels = df["label"].to_numpy(dtype=np.int64)
-    names: dict[int, str] = dict(zip(labels.tolist(), df["class_name"].tolist()))
-    n = int(labels.max()) + 1 if len(labels) else 0
-    return Split(paths, labels), [names.get(i, "") for i in range(n)]
+    return Split(paths, labels), label_map
+
+
+def _without_val_images(label_map: Sequence[Any], train: Split, val: Split, where: str) -> list[Any]:
+    """Classes with train images but no val image; each one is logged as a warning."""
+    missing = sorted(set(train.labels.tolist()) - set(val.labels.tolist()))
+    names = [label_map[i] for i in missing]
+    if names:
+        log.warning("%s: %d of %d classes have train images but no val images, so top-1/top-5 do not evaluate "
+                    "them: %s", where, len(names), len(label_map), _shown(names))
+    return names
 
 
 def _inat_categories(doc: dict[str, Any], path: Any) -> list[dict[str, Any]]:
@@ -100,6 +142,7 @@ def read_inat_split(
     with open(json_path) as f:
         doc = json.load(f)
     cats = _inat_categories(doc, json_path)
+    known = "its own 'categories' list" if category_ids is None else "the train split's categories"
     if category_ids is None:
         category_ids = [int(c["id"]) for c in cats]
         names = [str(c.get("name", c["id"])) for c in cats]
@@ -115,15 +158,23 @@ def read_inat_split(
         category_of[img_id] = cid
     paths: list[str] = []
     labels: list[int] = []
+    unknown: dict[int, int] = {}  # category id -> images
     for img in sorted(doc.get("images", []), key=lambda im: int(im["id"])):
         img_id = int(img["id"])
         if img_id not in category_of:
             raise ValueError(f"{json_path}: image {img_id} ({img.get('file_name')}) has no annotation")
         cid = category_of[img_id]
         if cid not in label_of:
-            raise ValueError(f"{json_path}: image {img_id} has category {cid}, not among the known categories")
+            unknown[cid] = unknown.get(cid, 0) + 1
+            continue
         paths.append(str(root / img["file_name"]))
         labels.append(label_of[cid])
+    if unknown:
+        ids = sorted(unknown)
+        raise ValueError(
+            f"{json_path}: {sum(unknown.values())} images have {len(ids)} category id(s) that are not in {known}: "
+            f"{_shown(ids)}"
+        )
     if not paths:
         raise ValueError(f"{json_path}: no images")
     return Split(paths, np.asarray(labels, dtype=np.int64)), list(category_ids), names
@@ -139,24 +190,21 @@ def load_classification_splits(data: dict[str, Any]) -> ClassificationSplits:
     """
     if "train_index" in data:
         train, names = read_imagenet_split(data["train_index"])
-        val, val_names = read_imagenet_split(data["val_index"])
-        seen = max(len(names), len(val_names))
-        num_classes = int(data.get("num_classes") or seen)
-        if seen > num_classes:
-            raise ValueError(f"labels up to {seen - 1} in {data['train_index']} / {data['val_index']} "
-                             f"but num_classes={num_classes}")
-        for i, n in enumerate(val_names):  # fill classes only val has seen
-            if i >= len(names):
-                names.append(n)
+        val, _ = read_imagenet_split(data["val_index"], classes=names)  # one label map: train's
+        num_classes = int(data.get("num_classes") or len(names))
+        if len(names) > num_classes:
+            raise ValueError(f"{data['train_index']} has {len(names)} classes but num_classes={num_classes}")
+        missing = _without_val_images(names, train, val, f"{data['val_index']}")
         names += [""] * (num_classes - len(names))
-        return ClassificationSplits(train, val, num_classes, names)
+        return ClassificationSplits(train, val, num_classes, names, missing)
     if "train_json" in data:
         train, cat_ids, names = read_inat_split(data["root"], data["train_json"])
         val, _, _ = read_inat_split(data["root"], data["val_json"], category_ids=cat_ids)
         if data.get("num_classes") not in (None, len(cat_ids)):
             raise ValueError(f"num_classes={data['num_classes']} but {data['train_json']} has "
                              f"{len(cat_ids)} categories")
-        return ClassificationSplits(train, val, len(cat_ids), names)
+        missing = _without_val_images(names, train, val, f"{data['val_json']}")
+        return ClassificationSplits(train, val, len(cat_ids), names, missing)
     raise ValueError(
         f"classification data needs train_index/val_index (ImageNet folder) or "
         f"root/train_json/val_json (iNaturalist); got keys {sorted(data)}"

@@ -3,9 +3,12 @@
 Real folders hold odd files (ImageNet-1K: a few CMYK JPEGs and PNGs named ``.JPEG``), so the
 format is taken from the file's content, never its extension, every mode is brought to RGB,
 and an undecodable file raises :class:`CorruptImageError` naming it instead of yielding a
-half-grey picture. Truncated files must fail: Pillow's global
-``ImageFile.LOAD_TRUNCATED_IMAGES`` has to stay ``False`` (we check it on every call, since
-any imported library could flip it).
+half-grey picture. A file that exists but cannot be read (no read permission, a symlink loop,
+an I/O error) raises :class:`UnreadableImageError`, a ``CorruptImageError``, so every
+consumer counts and reports it as it does a corrupt file (pre-training skips it within its
+limit); only a missing file stays ``FileNotFoundError`` (an index older than its folder).
+Truncated files must fail: Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` has to stay
+``False`` (we check it on every call, since any imported library could flip it).
 
 Two entry points, both RGB:
 
@@ -22,6 +25,7 @@ Two entry points, both RGB:
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import math
@@ -39,6 +43,7 @@ if TYPE_CHECKING:  # keep torch out of the import path of mimlib.data
 
 __all__ = [
     "CorruptImageError",
+    "UnreadableImageError",
     "decode_for_crop",
     "decode_rgb_tensor",
     "draft_factor",
@@ -71,6 +76,27 @@ class CorruptImageError(Exception):
     def __reduce__(self) -> tuple[type[CorruptImageError], tuple[str, str]]:
         # DataLoader workers pickle exceptions; the default reduce would pass only the message.
         return (type(self), (self.path, self.reason))
+
+
+class UnreadableImageError(CorruptImageError):
+    """An image file that exists but cannot be read (permission, symlink loop, I/O error)."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(path, reason)
+        self.args = (f"cannot read image {self.path!r}: {reason}",)  # the message str() shows
+
+
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The file's bytes; a missing file raises ``FileNotFoundError``, any other failure to open
+    or read it :class:`UnreadableImageError`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        why = "a symlink loop" if e.errno == errno.ELOOP else type(e).__name__
+        raise UnreadableImageError(path, f"{why}: {e.strerror or e}") from e
 
 
 def _check_truncation_flag() -> None:
@@ -127,11 +153,11 @@ def load_rgb(
 
     With ``crop_size`` a JPEG may come back smaller than stored (1/2, 1/4, 1/8 scale, see
     :func:`draft_factor`); other formats always decode at full size. A missing file raises
-    ``FileNotFoundError``; an undecodable one :class:`CorruptImageError`.
+    ``FileNotFoundError``; an unreadable one :class:`UnreadableImageError`; an undecodable one
+    :class:`CorruptImageError`.
     """
     _check_truncation_flag()
-    with open(path, "rb") as f:  # open/read errors are not corruption: let them propagate
-        data = f.read()
+    data = _read_bytes(path)
     return _pil_from_bytes(data, path, crop_size, min_scale, min_ratio)
 
 
@@ -230,8 +256,7 @@ def decode_rgb_tensor(
     import torch
 
     _check_truncation_flag()
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     if data[:3] == _JPEG_MAGIC:
         size = _jpeg_size(data) if crop_size is not None else None
         tv_decode = _torchvision_decode_jpeg()

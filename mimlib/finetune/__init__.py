@@ -28,6 +28,9 @@ class Task:
     demo: tuple[str, str, str] | None = None  # (module, writer, spec dataclass) of its demo set
     data_from_source: bool = False  # reads a config `source` (ImageNet) rather than a folder of its own
     seed_spread: bool = False  # its scores are repeated across seeds by `make demo-seeds`
+    # its encoder sees only img_size inputs, so the window must tile every stage there
+    # (detection: inputs of any size, timm pads them; mimlib.models.registry.window_problems)
+    fixed_input_size: bool = True
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -38,7 +41,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          demo=("mimlib.data.demo_inat", "write_inat_demo", "InatDemoSpec"), seed_spread=True),
     Task("coco", "mimlib.finetune.detection", "DETECTION", ("box_ap", "mask_ap"),
          (("box_ap", "COCO AP box"), ("mask_ap", "COCO AP mask")), "table6", True, 1440.0,
-         demo=("mimlib.data.demo_coco", "write_coco_demo", "CocoDemoSpec")),
+         demo=("mimlib.data.demo_coco", "write_coco_demo", "CocoDemoSpec"), fixed_input_size=False),
     Task("ade20k", "mimlib.finetune.segmentation", "SEGMENTATION", ("miou", "acc"),
          (("miou", "ADE20K mIoU"),), "table5", True, 960.0,
          demo=("mimlib.data.demo_ade20k", "write_ade20k_demo", "Ade20kDemoSpec")),

@@ -182,6 +182,7 @@ class ClassificationTraining(TrainTask):
     criterion: nn.Module
     best: dict[str, Any]  # best_top1, best_top5, best_epoch, last_top1 (resumed with the state)
     epoch_loss: float = 0.0  # summed over this epoch's updates (a mid-epoch resume continues it)
+    epoch_grad_norm: float = 0.0  # likewise
     epoch_first: int = 0  # first update of this epoch run by this job (for images/s)
     epoch_t0: float = field(default_factory=time.perf_counter)
 
@@ -207,6 +208,7 @@ class ClassificationTraining(TrainTask):
 
     def after_update(self, u: Update) -> dict[str, str] | None:
         self.epoch_loss += float(u.losses)
+        self.epoch_grad_norm += float(u.grad_norm)
         epoch, at = divmod(u.done, self.updates)
         if at:  # mid-epoch
             return {"loss": f"{float(u.losses):.4f}", "lr": f"{u.lr:.2e}"} if at % self.recipe["log_every"] == 0 else None
@@ -218,16 +220,18 @@ class ClassificationTraining(TrainTask):
             best.update(best_top1=top1, best_top5=top5, best_epoch=epoch)
             if self.info.is_main:
                 ckpt.save_atomic(_weights(self.model, self.job, r, epoch, top1, self.num_classes), self.work_best)
-        self.logger.log({"epoch": epoch, "train_loss": self.epoch_loss / self.updates, "lr": u.lr, "top1": top1,
-                         "top5": top5, "val_loss": val_loss,
+        self.logger.log({"iter": u.done, "epoch": epoch, "train_loss": self.epoch_loss / self.updates, "lr": u.lr,
+                         "grad_norm": self.epoch_grad_norm / self.updates, "top1": top1, "top5": top5,
+                         "val_loss": val_loss,
                          "images_per_s": (self.updates - self.epoch_first) * r["global_batch"] / max(train_time, 1e-9)})
-        self.epoch_loss, self.epoch_first, self.epoch_t0 = 0.0, 0, time.perf_counter()
+        self.epoch_loss, self.epoch_grad_norm, self.epoch_first, self.epoch_t0 = 0.0, 0.0, 0, time.perf_counter()
         return {"loss": f"{float(u.losses):.4f}", "top1": f"{top1:.2f}", "best": f"{best['best_top1']:.2f}"}
 
     def save(self, done: int) -> None:
         # after every epoch; SIGTERM saves mid-epoch too, with the epoch's loss sum
         self.state.save(done, self.model, self.optimizer,
-                        {**self.best, **({"epoch_loss": self.epoch_loss} if done % self.updates else {})})
+                        {**self.best, **({"epoch_loss": self.epoch_loss, "epoch_grad_norm": self.epoch_grad_norm}
+                                         if done % self.updates else {})})
 
     def should_save(self, done: int) -> bool:
         return done % self.updates == 0 and done < self.total
@@ -272,7 +276,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     loader = SigtermSafeDataLoader(train_set, batch_sampler=sampler, num_workers=r["num_workers"], pin_memory=pin,
                                    persistent_workers=False, prefetch_factor=4 if r["num_workers"] > 0 else None)
     start_epoch, start_update = divmod(start, updates)
-    logger = job_logger(job, info, start_epoch, key="epoch")
+    logger = job_logger(job, info, start_epoch, key="epoch", step=start_epoch * updates)
     if info.is_main:
         log.info("%s/%s: epoch %d update %d -> %d epochs (%s init)", job.task, job.model, start_epoch, start_update,
                  r["epochs"], init_info["format"])
@@ -289,14 +293,15 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         progress=progress, desc=f"{job.task} {job.model} {'scratch' if job.checkpoint is None else 'ft'}",
         job=job, state=state, logger=logger, updates=updates, val_loader=val_loader, num_classes=splits.num_classes,
         mixup_fn=mixup_fn, criterion=criterion, best=best, schedule=lr_schedule(r, updates),
-        epoch_loss=float(extra.get("epoch_loss", 0.0)) if start_update else 0.0, epoch_first=start_update,
+        epoch_loss=float(extra.get("epoch_loss", 0.0)) if start_update else 0.0,
+        epoch_grad_norm=float(extra.get("epoch_grad_norm", 0.0)) if start_update else 0.0, epoch_first=start_update,
     )
     train(task)
-    return _finish(job, info, task, started, init_info)
+    return _finish(job, info, task, started, init_info, splits.classes_without_val_images)
 
 
 def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, started: float,
-            init_info: dict[str, Any]) -> dict[str, Any]:
+            init_info: dict[str, Any], classes_without_val_images: list[Any]) -> dict[str, Any]:
     """Publish last.pt and the best epoch's best.pt, write metrics.json, drop the resume state."""
     r, best, out_dir = task.recipe, task.best, Path(job.out_dir)
     if info.is_main:
@@ -308,9 +313,11 @@ def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, star
             raise RuntimeError(f"the best epoch's weights are neither in {task.work_best} nor in {out_dir / 'best.pt'}")
     metrics = {"top1": best["best_top1"], "top5": best["best_top5"], "top1_last": float(best["last_top1"]),
                "best_epoch": best["best_epoch"]}
+    # A train class without val images is not evaluated (a warning in the log); kept here too.
     record = write_metrics(job, info, metrics, started, epochs=r["epochs"], num_classes=task.num_classes,
-                           init=init_info.get("format"))
+                           init=init_info.get("format"), classes_without_val_images=list(classes_without_val_images))
     if info.is_main:
+        task.logger.close()
         task.work_best.unlink(missing_ok=True)
         task.state.set_final(task.total, record)
         task.state.finish()

@@ -41,6 +41,7 @@ class FinetuneJob:
     cell: dict[str, Any] = field(default_factory=dict)  # model / dataset / length of the pre-training
     device: str = "auto"
     trust_pickle: bool = False  # for reference checkpoints that pickle their config
+    tracking: dict[str, Any] | None = None  # the config's tracking block (None: the JSON-lines log only)
     # Keep the final state in resume_dir when done, so a rerun re-writes metrics.json without
     # training (the workflow, which removes it once recorded: mimlib/train/final_state.py).
     keep_final: bool = False
@@ -148,14 +149,24 @@ class ResumableState:
         return record
 
 
-def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str) -> JsonlLogger:
-    """The job's JSON-lines log, cut back to ``start`` on resume.
+def job_logger(job: FinetuneJob, info: DistInfo, start: int, key: str, step: int | None = None) -> JsonlLogger:
+    """The job's JSON-lines log, cut back to ``start`` (of ``key``) on resume, and its tracking
+    runs (``job.tracking``; TensorBoard's in ``out_dir``) from update ``step`` (default ``start``).
 
     It lives in ``resume_dir`` while the job runs (Snakemake deletes a failed job's declared
     outputs, and the log must survive to be resumed) and is published to ``out_dir/log.jsonl``
-    by :meth:`ResumableState.finish`.
+    by :meth:`ResumableState.finish`; close it (:meth:`JsonlLogger.close`) when the job is done.
     """
-    logger = JsonlLogger(Path(job.resume_dir) / "log.jsonl", enabled=info.is_main)
+    from mimlib.train.tracking import open_tracker
+
+    cell = job.cell
+    tracker = open_tracker(
+        job.tracking, log_dir=job.out_dir, state_dir=job.resume_dir, start=start if step is None else step,
+        is_main=info.is_main, recipe=job.recipe, seed=job.seed,
+        group=f"finetune/{job.task}/{job.model}",
+        tags={"stage": "finetune", "task": job.task, "model": job.model, "dataset": cell.get("dataset"),
+              "length": cell.get("length")})
+    logger = JsonlLogger(Path(job.resume_dir) / "log.jsonl", enabled=info.is_main, tracker=tracker)
     if logger.enabled and logger.path.exists():
         from mimlib.train.metrics import read_jsonl
 

@@ -372,6 +372,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     metrics = _broadcast(metrics, info)
     eval_s = time.perf_counter() - t_eval
     logger.log({"iter": total, "eval_s": eval_s, **metrics})
+    logger.close()
     record = write_metrics(
         job, info, metrics, started,
         iterations=total, epoch_iters=epoch_iters, train_images=len(train_set), val_images=len(val_set),

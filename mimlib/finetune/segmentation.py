@@ -315,6 +315,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     record = write_metrics(job, info, {"miou": last_eval["miou"], "acc": last_eval["acc"]}, started,
                            per_class_iou=_json_floats(last_eval["per_class_iou"]), eval_images=last_eval["images"],
                            iterations=r["iters"], encoder=load_info)
+    task.logger.close()
     if info.is_main and r["save_weights"]:
         ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
                           "recipe": job.recipe}, Path(job.out_dir) / "last.pt")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SwinV2Spec", "MODELS", "register_model", "get_spec"]
+__all__ = ["SwinV2Spec", "MODELS", "register_model", "get_spec", "window_problems"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,31 @@ def get_spec(name: str) -> SwinV2Spec:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def window_problems(
+    name: str, img_size: int, window_size: int, patch_size: int = 4, always_partition: bool = False
+) -> list[str]:
+    """Why the named model at ``img_size`` / ``window_size`` would not tile its feature maps.
+
+    Stage ``i`` sees a map of ``img_size / patch_size / 2**i`` tokens a side. timm's SwinV2
+    shrinks the window of a stage whose map is no larger than the window to the map (one
+    window, no shift: the stride-32 stage of 192 px / window 12 is 6x6, as in the paper) but
+    pads a map the window does not divide, so its attention sees padded tokens, which the
+    reference never does. ``always_partition`` (timm) keeps the window even on small maps.
+    An empty list means every stage is tiled exactly.
+    """
+    spec = get_spec(name)
+    where = f"{name} at img_size {img_size} / window_size {window_size}"
+    stride = patch_size * 2 ** (len(spec.depths) - 1)
+    if img_size % stride:
+        return [f"{where}: img_size {img_size} is not a multiple of the last stage's stride {stride} "
+                f"(patch {patch_size}, {len(spec.depths)} stages)"]
+    for i in range(len(spec.depths)):
+        res = img_size // (patch_size * 2**i)
+        window = window_size if always_partition else min(window_size, res)
+        if res % window:
+            return [f"{where}: the window does not tile stage {i} ({res}x{res} tokens; timm would pad it to "
+                    f"{-(-res // window) * window}); use a window that divides {res}"
+                    + ("" if always_partition else f", or one of at least {res}")]
+    return []

@@ -12,13 +12,14 @@ from typing import Any
 import torch.nn as nn
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-from mimlib.models.registry import MODELS, SwinV2Spec, get_spec, register_model
+from mimlib.models.registry import MODELS, SwinV2Spec, get_spec, register_model, window_problems
 
 __all__ = [
     "SwinV2Spec",
     "MODELS",
     "register_model",
     "get_spec",
+    "window_problems",
     "build_encoder",
     "backbone_param_count",
 ]
@@ -38,8 +39,17 @@ def build_encoder(
     ``drop_path_rate`` rises linearly over all blocks (timm does this per block, as the
     reference does). Extra keyword arguments go to timm (e.g. ``device='meta'``,
     ``strict_img_size=False``, ``always_partition=True``).
+
+    A window that does not tile every stage's feature map at ``img_size`` (which timm would
+    pad) raises ``ValueError`` naming the model, sizes and stage (:func:`window_problems`).
+    With ``strict_img_size=False`` (detection: inputs of any size) padding is expected and
+    not checked.
     """
     spec = get_spec(name)
+    if kw.get("strict_img_size", True):
+        problems = window_problems(name, img_size, window_size, patch_size, bool(kw.get("always_partition")))
+        if problems:
+            raise ValueError(problems[0])
     if pretrained_window_sizes is None:  # no pre-training windows: one 0 per stage
         pretrained_window_sizes = (0,) * len(spec.depths)
     if len(pretrained_window_sizes) != len(spec.depths):

@@ -10,9 +10,13 @@ from typing import Any, Iterable
 
 
 class JsonlLogger:
-    def __init__(self, path: str | Path, enabled: bool = True):
+    """A job's metric log. With a ``tracker`` (:func:`mimlib.train.tracking.open_tracker`)
+    every record also goes to TensorBoard / W&B / MLflow: the one place every engine logs."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tracker: Any = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.tracker = tracker if enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -22,6 +26,13 @@ class JsonlLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        """The job is complete: close its tracking runs as finished."""
+        if self.tracker is not None:
+            self.tracker.close(finished=True)
 
     def truncate_after(self, iteration: int) -> None:
         """Drop records past ``iteration``: a resumed job re-logs them exactly as before."""

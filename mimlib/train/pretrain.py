@@ -63,9 +63,15 @@ class PretrainJob:
     cell: dict[str, Any] = field(default_factory=dict)  # model/dataset/length for metrics_out
     save_optimizer: bool = True  # trunk points keep AdamW state for the branches after them
     device: str = "auto"
+    tracking: dict[str, Any] | None = None  # the config's tracking block (None: the JSON-lines log only)
     # Keep the final state in resume_dir when done, so a rerun re-creates the outputs without
     # training (the workflow, which removes it once recorded: mimlib/train/final_state.py).
     keep_final: bool = False
+
+    @property
+    def log_dir(self) -> Path:
+        """The job's folder: TensorBoard's run (a trunk's segments share theirs)."""
+        return Path(self.log_out or self.out).parent
 
 
 def build_model(job: PretrainJob) -> SimMIM:
@@ -272,7 +278,8 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
             optimizer.load_state_dict(state["optimizer"])
         elif start > 0 and start < job.end_iter:
             raise RuntimeError(f"{source} has no optimizer state; cannot continue training from it")
-    logger = JsonlLogger(Path(job.resume_dir) / "metrics.jsonl", enabled=info.is_main)
+    logger = JsonlLogger(Path(job.resume_dir) / "metrics.jsonl", enabled=info.is_main,
+                         tracker=_tracker(job, info, start))
     logger.truncate_after(start)
     if info.is_main:
         log.info("%s: iterations %d -> %d from %s", job.out, start, job.end_iter, source)
@@ -299,6 +306,17 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     return _finish(job, task, source, time.perf_counter() - t_job)
 
 
+def _tracker(job: PretrainJob, info: DistInfo, start: int):
+    from mimlib.train.tracking import open_tracker
+
+    dataset = job.cell.get("dataset") or Path(job.manifest).stem  # manifests/<dataset>.parquet
+    kind = "branch" if job.decay_at is not None else "trunk"
+    return open_tracker(job.tracking, log_dir=job.log_dir, state_dir=job.resume_dir, start=start,
+                        is_main=info.is_main, recipe=job.recipe, seed=job.seed, group=f"pretrain/{job.model}/{dataset}",
+                        tags={"stage": "pretrain", "job": kind, "model": job.model, "dataset": dataset,
+                              "length": job.cell.get("length"), "end_iter": job.end_iter})
+
+
 def _finish(job: PretrainJob, task: PretrainTraining, source: str, wall_time_s: float) -> dict[str, Any]:
     """Write the declared outputs (checkpoint, summary, log), drop the resume state."""
     info = task.info
@@ -318,6 +336,7 @@ def _finish(job: PretrainJob, task: PretrainTraining, source: str, wall_time_s: 
         "resumed_from": source,
     }
     if info.is_main:
+        task.logger.close()  # its tracking runs are complete
         ckpt.save_atomic(_state(task.model, task.optimizer if job.save_optimizer else None, job.end_iter, job), job.out)
         if job.metrics_out is not None:
             write_json_atomic(summary, job.metrics_out)

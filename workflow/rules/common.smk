@@ -61,6 +61,19 @@ def quoted_json(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
+def tracking_args(cfg):
+    """The training jobs' ``--tracking-json``: the config's tracking block (TensorBoard, W&B,
+    MLflow). Each job names its run after its folder and tags it with its cell itself.
+
+    The rules use it as the global TRACKING, not as a param: where metrics are also sent is
+    not a parameter of a result (as a param, turning W&B on would rerun every job), as
+    MIMLIB, the interpreter, is not."""
+    return f"--tracking-json {quoted_json(cfg['tracking'])}"
+
+
+TRACKING = tracking_args(CFG)
+
+
 # Training jobs keep their final state in their resume folder when done (--keep-final-state,
 # mimlib/train/final_state.py): a job that completes after Snakemake was interrupted is never
 # recorded, and the rerun re-creates its outputs from that state instead of training again.

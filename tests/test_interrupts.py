@@ -272,3 +272,24 @@ def test_a_finished_finetuning_job_re_creates_metrics_without_training(
     assert cls.run(job, progress=False) == first
     assert (job.out_dir / "metrics.json").read_text() == metrics and (job.out_dir / "log.jsonl").read_text() == log
     assert final_state.drop_final_state(job.resume_dir) and not job.resume_dir.exists()
+
+
+def test_the_final_state_is_a_copy_where_a_hard_link_is_impossible(tmp_path: Path, monkeypatch) -> None:
+    """resume_root on another file system (os.link: EXDEV): the final state is a copy."""
+    import errno
+
+    from mimlib.train import final_state
+
+    src = tmp_path / "out.pt"
+    src.write_bytes(b"weights")
+    final_state.link_or_copy(src, tmp_path / "linked" / "iter_000000006.pt")
+    assert (tmp_path / "linked" / "iter_000000006.pt").samefile(src)
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    final_state.link_or_copy(src, tmp_path / "copied" / "iter_000000006.pt")
+    copied = tmp_path / "copied" / "iter_000000006.pt"
+    assert copied.read_bytes() == b"weights" and not copied.samefile(src)
+    assert sorted(p.name for p in copied.parent.iterdir()) == ["iter_000000006.pt"]  # no temporary debris

@@ -39,3 +39,12 @@ rule all:
         res(P.PRETRAIN_SUMMARY),
         res(P.FINETUNE_SUMMARY) if FT["tasks"] else [],
         rules.aggregate_all.input,
+
+
+# Recorded training jobs no longer need their final state (workflow/rules/common.smk).
+onsuccess:
+    drop_recorded_final_states()
+
+
+onerror:
+    drop_recorded_final_states()

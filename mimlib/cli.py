@@ -111,6 +111,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         cell=json.loads(args.cell_json) if args.cell_json else {},
         save_optimizer=not args.no_optimizer,
         device=args.device,
+        keep_final=args.keep_final_state,
         tracking=_tracking(args),
     )
     from mimlib.train.preemption import Preempted
@@ -119,7 +120,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         run_pretrain(job, progress=not args.no_progress)
     except Preempted as exc:
         print(f"preempted: {exc}", file=sys.stderr)
-        return Preempted.exit_code
+        return exc.exit_code  # 143 after SIGTERM, 130 after SIGINT
     return 0
 
 
@@ -146,6 +147,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         cell=json.loads(args.cell_json) if args.cell_json else {},
         device=args.device,
         trust_pickle=args.trust_pickle,
+        keep_final=args.keep_final_state,
         tracking=_tracking(args),
     )
     task = engine(args.task)  # its run() checks the recipe first
@@ -155,7 +157,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         record = task.run(job, progress=not args.no_progress)
     except Preempted as exc:
         print(f"preempted: {exc}", file=sys.stderr)
-        return Preempted.exit_code
+        return exc.exit_code  # 143 after SIGTERM, 130 after SIGINT
     print(json.dumps(record["metrics"], sort_keys=True))
     return 0
 
@@ -268,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-out")
     s.add_argument("--cell-json", type=_json_text)
     s.add_argument("--no-optimizer", action="store_true", help="leave AdamW state out of --out")
+    s.add_argument("--keep-final-state", action="store_true",
+                   help="when done, keep the final state in --resume-dir: a rerun whose outputs were deleted re-creates them without training (the workflow passes it and removes the state once Snakemake has recorded the job; docs/cluster.md)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--tracking-json", type=_json_text, help=TRACKING_HELP)
@@ -290,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume-dir", required=True)
     s.add_argument("--cell-json", type=_json_text)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--keep-final-state", action="store_true",
+                   help="when done, keep the final state in --resume-dir: a rerun whose outputs were deleted re-creates them without training (the workflow passes it and removes the state once Snakemake has recorded the job; docs/cluster.md)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--tracking-json", type=_json_text, help=TRACKING_HELP)
@@ -361,6 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # SIGINT outside a training loop (set-up, final evaluation; inside one it saves and
+        # stops, see mimlib/train/preemption.py): nothing to save, so one line, not a traceback.
+        print(f"mimscale: interrupted (SIGINT) during {args.command}; nothing was saved since the "
+              "last rolling checkpoint", file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0") or not _user_error(exc):
             raise

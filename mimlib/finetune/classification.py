@@ -52,6 +52,7 @@ from mimlib.data.classification import (
 )
 from mimlib.data.sampling import EpochOrder, GlobalBatchSampler, accumulation_steps, stable_seed
 from mimlib.finetune.common import (
+    FINISHED_KEY,
     FinetuneJob,
     ResumableState,
     build_optimizer,
@@ -265,6 +266,8 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(model, {**r, "lr": 0.0}, info.device, "", job.model)
     state = ResumableState(job, info)
     start, extra = state.load(model, optimizer)  # counted in updates: SIGTERM can stop mid-epoch
+    if FINISHED_KEY in extra:  # finished before; only its outputs are gone
+        return state.republish(extra)
     train_set = ClassificationDataset(splits.train, build_train_transform(r), seed=job.seed)
     updates = len(train_set) // r["global_batch"]  # per epoch
     sampler = batch_sampler(len(train_set), start, r["epochs"] * updates, r["global_batch"], r["micro_batch"],
@@ -316,6 +319,7 @@ def _finish(job: FinetuneJob, info: DistInfo, task: ClassificationTraining, star
     if info.is_main:
         task.logger.close()
         task.work_best.unlink(missing_ok=True)
+        task.state.set_final(task.total, record)
         task.state.finish()
     barrier(info)
     return record

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ from torch import nn
 from mimlib.models.swinv2 import get_spec
 from mimlib.provenance import recipe_hash
 from mimlib.train import checkpoint as ckpt
-from mimlib.train.distributed import DistInfo
+from mimlib.train import final_state
+from mimlib.train.distributed import DistInfo, barrier
 from mimlib.train.layer_decay import layer_decay_param_groups
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
 
@@ -41,6 +43,9 @@ class FinetuneJob:
     device: str = "auto"
     trust_pickle: bool = False  # for reference checkpoints that pickle their config
     tracking: dict[str, Any] | None = None  # the config's tracking block (None: the JSON-lines log only)
+    # Keep the final state in resume_dir when done, so a rerun re-writes metrics.json without
+    # training (the workflow, which removes it once recorded: mimlib/train/final_state.py).
+    keep_final: bool = False
 
 
 def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.device,
@@ -53,6 +58,9 @@ def build_optimizer(model: nn.Module, recipe: dict[str, Any], device: torch.devi
         groups, lr=recipe["lr"], betas=tuple(recipe["betas"]),
         eps=recipe["eps"], fused=device.type == "cuda",
     )
+
+
+FINISHED_KEY = "finished"  # in load()'s extra state: the finished job's metrics record
 
 
 class ResumableState:
@@ -84,6 +92,8 @@ class ResumableState:
             return 0, {}
         step, path, state = found
         ckpt.check_resume_identity(state, path, self.identity, self.job.resume_dir)
+        if state.get("finished"):  # the job's final state: see republish()
+            return step, {FINISHED_KEY: final_state.read_finished(self.job.resume_dir, step)}
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         return step, state.get("extra", {})
@@ -96,9 +106,18 @@ class ResumableState:
                 self.job.resume_dir, step,
             )
 
+    def set_final(self, step: int, record: dict[str, Any]) -> None:
+        """The job's last update and its metrics record, for :meth:`finish` to keep."""
+        self._final = (step, record)
+
     def finish(self) -> None:
-        """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state."""
-        if self.info.is_main:
+        """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state --
+        or, with ``job.keep_final``, keep its final state (:meth:`set_final`): the metrics record
+        and the log, then a rolling file at the last update without weights (read by :meth:`load`)."""
+        final = getattr(self, "_final", None)
+        if self.info.is_main and self.job.keep_final and final is not None:
+            self._keep_final(*final)
+        elif self.info.is_main:
             work_log = Path(self.job.resume_dir) / "log.jsonl"
             if work_log.exists():
                 copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
@@ -107,6 +126,39 @@ class ResumableState:
                 p.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 Path(self.job.resume_dir).rmdir()
+
+    def _keep_final(self, step: int, record: dict[str, Any]) -> None:
+        resume_dir = Path(self.job.resume_dir)
+        work_log = resume_dir / "log.jsonl"
+        if work_log.exists():
+            copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
+        final_state.write_finished(resume_dir, step, record)
+        ckpt.save_rolling({"recipe_hash": self.hash, "job_identity": self.identity, "step": step, "finished": True},
+                          resume_dir, step)
+        for i, p in ckpt.rolling_checkpoints(resume_dir):
+            if i < step:
+                p.unlink(missing_ok=True)
+
+    def republish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The job finished before (:meth:`load` found its final state), but ``metrics.json`` was
+        deleted -- by Snakemake, which never recorded a job that completed after Snakemake itself
+        was interrupted: write it (and the log) again from the final state, without training."""
+        record = extra[FINISHED_KEY]
+        resume_dir = Path(self.job.resume_dir)
+        if record is None:
+            raise RuntimeError(f"{resume_dir} holds a finished job's state but no readable "
+                               f"{final_state.FINISHED}; move the folder away to run the job again")
+        if self.info.is_main:
+            write_json_atomic(record, Path(self.job.out_dir) / "metrics.json")
+            if (resume_dir / "log.jsonl").exists():
+                copy_atomic(resume_dir / "log.jsonl", Path(self.job.out_dir) / "log.jsonl")
+            logging.getLogger(__name__).info(
+                "%s %s: finished before (final state in %s): metrics.json re-created without training",
+                self.job.task, self.job.model, resume_dir)
+            if not self.job.keep_final:
+                final_state.drop_final_state(resume_dir)
+        barrier(self.info)
+        return record
 
 
 def data_identity(data: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,7 @@ import torch
 from mimlib.data.coco import CocoInstances, collate
 from mimlib.data.sampling import EpochOrder, GlobalBatchSampler, stable_seed
 from mimlib.finetune.common import (
+    FINISHED_KEY,
     FinetuneJob,
     ResumableState,
     build_optimizer,
@@ -338,6 +339,8 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)
     start, extra = state.load(model, optimizer)
+    if FINISHED_KEY in extra:  # finished before; only its outputs are gone
+        return state.republish(extra)
     epoch_iters = len(train_set) // r["global_batch"]
     total = r["epochs"] * epoch_iters
     sampler = batch_sampler(len(train_set), start, max(total, start), r["global_batch"], r["micro_batch"],
@@ -375,6 +378,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
         iterations=total, epoch_iters=epoch_iters, train_images=len(train_set), val_images=len(val_set),
         num_predictions=len(results) if info.is_main else None, eval_s=eval_s, encoder=load_info,
     )
+    state.set_final(total, record)
     state.finish()
     barrier(info)
     return record

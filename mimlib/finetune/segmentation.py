@@ -46,6 +46,7 @@ from torch import nn
 from mimlib.data.ade20k import IGNORE_INDEX, ADE20KTrain, ADE20KVal, _first, collate_train
 from mimlib.data.sampling import GlobalBatchSampler, stable_seed
 from mimlib.finetune.common import (
+    FINISHED_KEY,
     FinetuneJob,
     ResumableState,
     build_optimizer,
@@ -292,6 +293,8 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     optimizer = build_optimizer(model, r, info.device, ENCODER_PREFIX, job.model)
     state = ResumableState(job, info)
     start, extra = state.load(model, optimizer)
+    if FINISHED_KEY in extra:  # finished before; only its outputs are gone
+        return state.republish(extra)
     if info.is_main:
         log.info("%s %s: iterations %d -> %d (encoder: %s)", TASK, job.model, start, r["iters"], load_info["format"])
     root = Path(job.data["root"])
@@ -316,6 +319,7 @@ def run(job: FinetuneJob, progress: bool = True) -> dict[str, Any]:
     if info.is_main and r["save_weights"]:
         ckpt.save_atomic({"model": model.state_dict(), "model_name": job.model, "task": TASK,
                           "recipe": job.recipe}, Path(job.out_dir) / "last.pt")
+    state.set_final(r["iters"], record)
     state.finish()
     barrier(info)
     return record

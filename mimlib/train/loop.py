@@ -121,7 +121,7 @@ def train(task: TrainTask) -> None:
 
         bar = tqdm(total=task.total, initial=task.start, desc=task.desc or task.name, unit="it", dynamic_ncols=True)
     model.train()
-    with StopRequest() as stop:  # SIGTERM -> save and raise Preempted after this update
+    with StopRequest() as stop:  # SIGTERM / SIGINT -> save and raise Preempted after this update
         for k in range(task.start, task.total):
             lr = task.lr(k)
             set_lr(optimizer, lr)
@@ -150,7 +150,7 @@ def train(task: TrainTask) -> None:
                     bar.set_postfix(postfix)
                 bar.update(1)
             if stop_now and done < task.total:
-                stop_after_saving(lambda: task.save(done), task.stop_message(done), info)
+                stop_after_saving(lambda: task.save(done), task.stop_message(done), info, stop)
             if task.should_save(done):
                 task.save(done)
                 barrier(info)

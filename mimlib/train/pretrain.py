@@ -27,6 +27,7 @@ from mimlib.models.attention import use_fused_attention
 from mimlib.models.simmim import SimMIM, build_simmim
 from mimlib.provenance import recipe_hash
 from mimlib.train import checkpoint as ckpt
+from mimlib.train import final_state
 from mimlib.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mimlib.train.loop import IntervalLog, TrainTask, Update, train
 from mimlib.train.metrics import JsonlLogger, copy_atomic, write_json_atomic
@@ -63,6 +64,9 @@ class PretrainJob:
     save_optimizer: bool = True  # trunk points keep AdamW state for the branches after them
     device: str = "auto"
     tracking: dict[str, Any] | None = None  # the config's tracking block (None: the JSON-lines log only)
+    # Keep the final state in resume_dir when done, so a rerun re-creates the outputs without
+    # training (the workflow, which removes it once recorded: mimlib/train/final_state.py).
+    keep_final: bool = False
 
     @property
     def log_dir(self) -> Path:
@@ -176,7 +180,8 @@ def check_init(state: dict[str, Any], job: PretrainJob) -> None:
 
 def _find_start(job: PretrainJob, info: DistInfo) -> tuple[int, dict[str, Any] | None, str]:
     """(start iteration, state to load, where it came from)."""
-    found = ckpt.load_rolling(job.resume_dir, info.device, below=job.end_iter, set_aside=info.is_main)
+    # up to end_iter: a finished job's final state (mimlib/train/final_state.py)
+    found = ckpt.load_rolling(job.resume_dir, info.device, below=job.end_iter + 1, set_aside=info.is_main)
     ckpt.agree_across_ranks(found, info, job.resume_dir)
     if found is not None:
         it, path, state = found
@@ -326,6 +331,8 @@ def run_pretrain(job: PretrainJob, progress: bool = True) -> dict[str, Any]:
     model = build_model(job).to(info.device)
     optimizer = build_optimizer(model, r, info.device)
     start, state, source = _find_start(job, info)
+    if start == job.end_iter and Path(source).parent == Path(job.resume_dir):
+        return _republish(job, info, Path(source))
     if state is not None:
         model.load_state_dict(state["model"])
         if "optimizer" in state:
@@ -397,12 +404,50 @@ def _finish(job: PretrainJob, task: PretrainTraining, source: str, wall_time_s: 
             write_json_atomic(summary, job.metrics_out)
         if job.log_out is not None:
             copy_atomic(task.logger.path, job.log_out)
-        # The job is complete: its rolling checkpoints and work log are no longer needed.
-        for _, p in ckpt.rolling_checkpoints(job.resume_dir):
+        if job.keep_final:
+            _keep_final_state(job, summary)
+        else:
+            # The job is complete: its rolling checkpoints and work log are no longer needed.
+            for _, p in ckpt.rolling_checkpoints(job.resume_dir):
+                p.unlink(missing_ok=True)
+            task.logger.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(job.resume_dir).rmdir()
+    barrier(info)
+    return summary
+
+
+def _keep_final_state(job: PretrainJob, summary: dict[str, Any]) -> None:
+    """After the outputs are written: the summary, then the output checkpoint as the rolling
+    checkpoint at ``end_iter`` (a hard link), then the older rolling checkpoints go; the work log
+    stays. Cut off anywhere, the folder still resumes: from the older checkpoints or the final one."""
+    resume_dir = Path(job.resume_dir)
+    final_state.write_finished(resume_dir, job.end_iter, summary)
+    final_state.link_or_copy(job.out, resume_dir / f"iter_{job.end_iter:09d}.pt")
+    for i, p in ckpt.rolling_checkpoints(resume_dir):
+        if i < job.end_iter:
             p.unlink(missing_ok=True)
-        task.logger.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            Path(job.resume_dir).rmdir()
+
+
+def _republish(job: PretrainJob, info: DistInfo, final: Path) -> dict[str, Any]:
+    """The job finished before (its final state at ``end_iter`` passed the resume checks in
+    :func:`_find_start`), but its outputs were deleted -- by Snakemake, which never recorded a job
+    that completed after Snakemake itself was interrupted: write them again, without training."""
+    resume_dir = Path(job.resume_dir)
+    summary = final_state.read_finished(resume_dir, job.end_iter)
+    if summary is None:
+        raise RuntimeError(f"{final} is at this job's end ({job.end_iter}) but {resume_dir / final_state.FINISHED} "
+                           "is missing or of another iteration; move the folder away to run the job again")
+    if info.is_main:
+        final_state.link_or_copy(final, job.out)
+        if job.metrics_out is not None:
+            write_json_atomic(summary, job.metrics_out)
+        if job.log_out is not None:
+            copy_atomic(resume_dir / "metrics.jsonl", job.log_out)
+        log.info("%s: finished at iteration %d before (final state %s): outputs re-created without training",
+                 job.out, job.end_iter, final)
+        if not job.keep_final:
+            final_state.drop_final_state(resume_dir)
     barrier(info)
     return summary
 

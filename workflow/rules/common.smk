@@ -72,3 +72,25 @@ def tracking_args(cfg):
 
 
 TRACKING = tracking_args(CFG)
+
+
+# Training jobs keep their final state in their resume folder when done (--keep-final-state,
+# mimlib/train/final_state.py): a job that completes after Snakemake was interrupted is never
+# recorded, and the rerun re-creates its outputs from that state instead of training again.
+# The run removes the final states of the training jobs it has recorded: every one of its DAG
+# that did not need to run or has finished. An orphaned job still running is neither.
+FINAL_STATE_RULES = ("pretrain_trunk", "pretrain_branch", "finetune")
+
+
+def drop_recorded_final_states():
+    from snakemake.logging import logger
+
+    from mimlib.train.final_state import drop_final_state
+
+    try:
+        dag = workflow.dag
+        for job in list(dag.jobs):
+            if job.rule.name in FINAL_STATE_RULES and dag.noneedrun_finished(job):
+                drop_final_state(job.params.resume)
+    except Exception as exc:  # housekeeping only: never fail a run over it
+        logger.warning(f"could not remove the final states of finished training jobs: {exc!r}")

@@ -90,7 +90,7 @@ rule finetune:
     shell:
         "{params.launch} finetune --task {wildcards.task} --model {wildcards.model} {params.checkpoint} "
         "--recipe-json {params.recipe} --data-json {params.data} --cell-json {params.cell} "
-        "--out-dir {params.out_dir} --resume-dir {params.resume} --seed {params.seed} "
+        "--out-dir {params.out_dir} --resume-dir {params.resume} --keep-final-state --seed {params.seed} "
         "--device {params.device} {TRACKING} --no-progress "
         "> {log} 2>&1"
 

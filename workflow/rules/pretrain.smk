@@ -85,7 +85,7 @@ rule pretrain_trunk:
     shell:
         "{params.launch} pretrain {params.common} --manifest {input.manifest} {params.init} "
         "--end-iter {wildcards.iter} --out {output.ckpt} --log-out {output.metrics} "
-        "--resume-dir {params.resume} --device {params.device} {TRACKING} --no-progress > {log} 2>&1"
+        "--resume-dir {params.resume} --keep-final-state --device {params.device} {TRACKING} --no-progress > {log} 2>&1"
 
 
 rule pretrain_branch:
@@ -113,7 +113,7 @@ rule pretrain_branch:
         "{params.launch} pretrain {params.common} --manifest {input.manifest} --init {input.init} "
         "--end-iter {wildcards.length} --decay-at {params.decay_at} --cell-json {params.cell} "
         "--out {output.ckpt} --metrics-out {output.metrics} --log-out {output.log} --no-optimizer "
-        "--resume-dir {params.resume} --device {params.device} {TRACKING} --no-progress > {log} 2>&1"
+        "--resume-dir {params.resume} --keep-final-state --device {params.device} {TRACKING} --no-progress > {log} 2>&1"
 
 
 rule pretrain_summary:

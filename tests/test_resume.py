@@ -372,3 +372,16 @@ def test_after_a_kill_and_a_seed_change_the_workflow_job_stops_instead_of_resumi
     assert "manifest_sha256" in log and f"mv {rel} {rel}.old" in log, log[-3000:]
     assert sorted(p.name for p in resume.glob("iter_*.pt")) == kept  # nothing deleted
     assert not (tmp_path / target).exists()
+
+
+def test_a_finished_jobs_final_state_is_checked_like_any_resume_state(tmp_path: Path) -> None:
+    """The final state a finished job keeps (docs/reliability_interrupts.md) re-creates outputs
+    only for the same job: after a seed change the rerun stops instead of publishing them."""
+    from mimlib.finetune.common import ResumableState
+
+    info = DistInfo()
+    ResumableState(_finetune_job(tmp_path), info)._keep_final(5, {"metrics": {"top1": 0.5}})
+    step, extra = ResumableState(_finetune_job(tmp_path), info).load(*_net())
+    assert step == 5 and extra  # the same job: the final state is found
+    with pytest.raises(ckpt.ResumeMismatchError, match="seed: 0 in the state, 1 for this job"):
+        ResumableState(_finetune_job(tmp_path, seed=1), info).load(*_net())

@@ -19,17 +19,9 @@ from mimlib.finetune import detection as D  # noqa: E402
 from mimlib.finetune.common import FinetuneJob, build_optimizer  # noqa: E402
 from mimlib.models.detection import ENCODER_PREFIX, build_mask_rcnn  # noqa: E402
 from mimlib.train.layer_decay import num_layer_ids  # noqa: E402
+from tiny_recipes import COCO_TINY  # noqa: E402
 
-# The smallest recipe that runs the whole engine (crop 64, window 4, tiny heads).
-TINY = {
-    "img_size": 64, "window_size": 4, "test_size": [64, 96], "epochs": 1, "warmup_iters": 2,
-    "global_batch": 4, "micro_batch": 2, "lr": 1e-4, "step_epochs": [1], "num_workers": 0,
-    "log_every": 1, "checkpoint_every": 1, "threads": 1, "eval_batch": 4, "fpn_channels": 16,
-    "representation_size": 32, "mask_head_channels": 16, "mask_head_convs": 1,
-    "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 20, "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 20, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16,
-    "box_detections_per_img": 10, "anchor_sizes": [8, 16, 32, 64, 128],
-}
+TINY = COCO_TINY
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,14 +19,10 @@ from mimlib.models.simmim import build_simmim
 from mimlib.models.upernet import ENCODER_PREFIX, build_upernet
 from mimlib.train import checkpoint as ckpt
 from mimlib.train.step import NonFiniteLossError
+from tiny_recipes import ADE_TINY
 
 # A tiny demo-scale recipe: 128 px crops, window 8, 32-channel heads.
-TINY = dict(
-    num_classes=4, img_size=128, window_size=8, scale=[256, 128], slide_crop=128, slide_stride=96,
-    test_short_side=128, test_long_side=256, iters=2, warmup_iters=1, lr=1e-3, layer_decay=0.9,
-    global_batch=2, micro_batch=2, channels=32, aux_channels=32, num_workers=0, log_every=1,
-    eval_every=0, checkpoint_every=0, threads=None,
-)
+TINY = ADE_TINY
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from mimlib.train.metrics import read_jsonl
 from mimlib.train.pretrain import PretrainJob, run_pretrain
 from mimlib.train.tracking import TrackingError, open_tracker, scalars, tag
 
+import tiny_recipes
+
 ROOT = Path(__file__).resolve().parents[1]
 TB_ONLY = {"tensorboard": True}
 
@@ -214,21 +216,8 @@ def test_classification_epochs_are_logged_at_their_global_update(tmp_path: Path,
         assert name in got, name
 
 
-COCO_TINY = {  # tests/test_finetune_detection.py's smallest recipe
-    "img_size": 64, "window_size": 4, "test_size": [64, 96], "epochs": 1, "warmup_iters": 2,
-    "global_batch": 4, "micro_batch": 2, "lr": 1e-4, "step_epochs": [1], "num_workers": 0,
-    "log_every": 2, "checkpoint_every": 100, "threads": 1, "eval_batch": 4, "fpn_channels": 16,
-    "representation_size": 32, "mask_head_channels": 16, "mask_head_convs": 1,
-    "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 20, "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 20, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16,
-    "box_detections_per_img": 10, "anchor_sizes": [8, 16, 32, 64, 128],
-}
-ADE_TINY = dict(  # tests/test_finetune_segmentation.py's, with an evaluation mid-run
-    num_classes=4, img_size=128, window_size=8, scale=[256, 128], slide_crop=128, slide_stride=96,
-    test_short_side=128, test_long_side=256, iters=4, warmup_iters=1, lr=1e-3, layer_decay=0.9,
-    global_batch=2, micro_batch=2, channels=32, aux_channels=32, num_workers=0, log_every=1,
-    eval_every=2, checkpoint_every=0, threads=1,
-)
+COCO_TINY = dict(tiny_recipes.COCO_TINY, log_every=2, checkpoint_every=100)
+ADE_TINY = dict(tiny_recipes.ADE_TINY, iters=4, eval_every=2, threads=1)  # with an evaluation mid-run
 
 
 @pytest.mark.parametrize("task", ["coco", "ade20k"])

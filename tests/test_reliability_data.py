@@ -1,5 +1,5 @@
 """Issue 12, items 2 and 6 (data): one label map per dataset, window sizes that tile every
-stage, unreadable images and folder entries reported by name (docs/reliability_data.md)."""
+stage, unreadable images and folder entries reported by name (docs/reliability.md, "Data")."""
 
 from __future__ import annotations
 

@@ -375,7 +375,7 @@ def test_after_a_kill_and_a_seed_change_the_workflow_job_stops_instead_of_resumi
 
 
 def test_a_finished_jobs_final_state_is_checked_like_any_resume_state(tmp_path: Path) -> None:
-    """The final state a finished job keeps (docs/reliability_interrupts.md) re-creates outputs
+    """The final state a finished job keeps (docs/reliability.md, "Interrupts") re-creates outputs
     only for the same job: after a seed change the rerun stops instead of publishing them."""
     from mimlib.finetune.common import ResumableState
 

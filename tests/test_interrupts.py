@@ -33,13 +33,15 @@ TRUNK = "results/pretrain/swinv2_pico/half/trunk/{it}.pt"
 JOB_LOG = "results/logs/pretrain/swinv2_pico/half/trunk_{it}.log"
 
 
-def _study(tmp_path: Path, length: int, checkpoint_every: int) -> Path:
+def _study(tmp_path: Path, length: int, checkpoint_every: int, resume_root: Path | None = None) -> Path:
     """The smoke study cut to one trunk job (7/8 of ``length``), no fine-tuning."""
     cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
     cfg["lengths"] = [length]
     cfg["datasets"] = {"half": cfg["datasets"]["half"]}
     cfg.pop("finetune")
     cfg["pretrain"].update(checkpoint_every=checkpoint_every, val_every=1000, log_every=1)
+    if resume_root is not None:
+        cfg["resume_root"] = str(resume_root)
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return config
@@ -103,6 +105,7 @@ def test_sigint_to_snakemake_alone_keeps_the_orphaned_jobs_work(tmp_path: Path) 
     first_weights = ckpt.load(tmp_path / target)["model"]
     first_log = (tmp_path / "results/pretrain/swinv2_pico/half/trunk/28.jsonl").read_text()
     assert _trained_iters(tmp_path / "results/pretrain/swinv2_pico/half/trunk/28.jsonl") == list(range(1, 29))
+    assert (tmp_path / target).exists()
 
     rerun = subprocess.run(_snakemake_cmd(tmp_path, config, target), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
@@ -125,10 +128,11 @@ def test_sigint_to_snakemake_alone_keeps_the_orphaned_jobs_work(tmp_path: Path) 
 def test_ctrl_c_to_the_process_group_saves_the_job_and_the_rerun_resumes(tmp_path: Path) -> None:
     """Ctrl-C: SIGINT to Snakemake and its job. The job saves after the current iteration (no
     periodic checkpoint exists: checkpoint_every is past the end), exits 130 without a traceback,
-    and the rerun resumes from that iteration."""
-    config = _study(tmp_path, length=32, checkpoint_every=1000)
+    and the rerun resumes from that iteration. The rolling state lives under ``resume_root``
+    (e.g. fast node-shared storage), outside the results folder."""
+    config = _study(tmp_path, length=32, checkpoint_every=1000, resume_root=tmp_path / "scratch" / "resume")
     target, job_log = TRUNK.format(it=28), tmp_path / JOB_LOG.format(it=28)
-    resume = tmp_path / "results/.resume/pretrain/swinv2_pico/half/trunk_28"
+    resume = tmp_path / "scratch/resume/pretrain/swinv2_pico/half/trunk_28"
     with open(tmp_path / "snakemake1.log", "w") as out:
         proc = subprocess.Popen(_snakemake_cmd(tmp_path, config, target), cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint)
@@ -144,7 +148,7 @@ def test_ctrl_c_to_the_process_group_saves_the_job_and_the_rerun_resumes(tmp_pat
     assert stopped, log[-3000:]
     saved = int(stopped.group(1))
     assert [i for i, _ in ckpt.rolling_checkpoints(resume)] == [saved] and 0 < saved < 28
-    assert not (tmp_path / target).exists()
+    assert not (tmp_path / target).exists() and not (tmp_path / "results/.resume").exists()
     rerun = subprocess.run(_snakemake_cmd(tmp_path, config, target), cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

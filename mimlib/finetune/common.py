@@ -73,6 +73,7 @@ class ResumableState:
         self.job, self.info = job, info
         self.hash = recipe_hash({**job.recipe, "_task": job.task, "_ckpt": str(job.checkpoint)})
         self._identity: dict[str, Any] | None = None
+        self._final: tuple[int, dict[str, Any]] | None = None  # set_final(): kept by finish()
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -114,14 +115,15 @@ class ResumableState:
         """The job is done: publish its log to ``out_dir/log.jsonl``, drop the rolling state --
         or, with ``job.keep_final``, keep its final state (:meth:`set_final`): the metrics record
         and the log, then a rolling file at the last update without weights (read by :meth:`load`)."""
-        final = getattr(self, "_final", None)
-        if self.info.is_main and self.job.keep_final and final is not None:
-            self._keep_final(*final)
-        elif self.info.is_main:
-            work_log = Path(self.job.resume_dir) / "log.jsonl"
-            if work_log.exists():
-                copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
-                work_log.unlink()
+        if not self.info.is_main:
+            return
+        work_log = Path(self.job.resume_dir) / "log.jsonl"
+        if work_log.exists():
+            copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
+        if self.job.keep_final and self._final is not None:
+            self._keep_final(*self._final)
+        else:
+            work_log.unlink(missing_ok=True)
             for _, p in ckpt.rolling_checkpoints(self.job.resume_dir):
                 p.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -129,9 +131,6 @@ class ResumableState:
 
     def _keep_final(self, step: int, record: dict[str, Any]) -> None:
         resume_dir = Path(self.job.resume_dir)
-        work_log = resume_dir / "log.jsonl"
-        if work_log.exists():
-            copy_atomic(work_log, Path(self.job.out_dir) / "log.jsonl")
         final_state.write_finished(resume_dir, step, record)
         ckpt.save_rolling({"recipe_hash": self.hash, "job_identity": self.identity, "step": step, "finished": True},
                           resume_dir, step)
